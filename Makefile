@@ -1,0 +1,31 @@
+# Quickstart: `make run` (the PFD pipeline on the embedded default), `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export PYSPARK_PYTHON := $(abspath $(PY))
+export PYSPARK_DRIVER_PYTHON := $(abspath $(PY))
+PYTEST_ARGS ?=
+
+.PHONY: venv run test test-fast bench clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: setup.py
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+run: venv
+	$(VENV)/bin/spark-submit --master 'local[2]' --driver-memory 4g jobs/distill_pfd.py $(ARGS)
+
+test: venv
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: venv
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+bench: venv
+	$(PY) benchmarks/bench_loader_and_training.py
+
+clean:
+	rm -rf warehouse runs spark-warehouse

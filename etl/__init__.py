@@ -1,0 +1,1 @@
+"""Spark side: sources, synthetic data, feature building, privileged columns, Delta I/O."""

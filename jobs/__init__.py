@@ -1,0 +1,1 @@
+"""Thin spark-submit entry points; the library (etl, rec_models) does the work."""

@@ -1,0 +1,259 @@
+"""Configuration: YAML layers (base + dataset + method + profile + files + overrides).
+
+OmegaConf merges the layers and parses ``--set a.b=value`` overrides; pydantic validates
+the result, so a misspelt key or a bad value is an error that names its dotted path.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal, Optional, Sequence
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from rec_models.spec import FeatureSpec
+
+CONF_DIR = Path(os.environ.get("DTT_CONF_DIR", Path(__file__).resolve().parents[1] / "conf"))
+
+BACKENDS = ("local", "torch_distributor")
+LOADERS = ("arrow",)
+
+
+class ConfigError(ValueError):
+    """A configuration key or value is wrong; the message names it."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class RunConf(_Section):
+    name: str = "pfd_student"
+    version: str = "v1"
+    seed: int = 42
+    output_dir: str = "runs"
+
+
+class TablesConf(_Section):
+    user_features: str = "user_features"
+    item_features: str = "item_features"
+    samples: str = "samples"
+    user_embeddings: str = "user_embeddings"
+    item_embeddings: str = "item_embeddings"
+
+
+class WarehouseConf(_Section):
+    root: str = "warehouse"
+    writer: Literal["auto", "spark", "delta_rs"] = "auto"
+    tables: TablesConf = TablesConf()
+
+    def uri(self, table: str) -> str:
+        name = getattr(self.tables, table)
+        if "://" in name or name.startswith("/"):
+            return name
+        root = self.root if "://" in self.root else os.path.abspath(self.root)
+        return f"{root.rstrip('/')}/{name}"
+
+    @property
+    def spec_path(self) -> str:
+        root = self.root if "://" in self.root else os.path.abspath(self.root)
+        return f"{root.rstrip('/')}/feature_spec.json"
+
+
+class SparkConf(_Section):
+    master: Optional[str] = "local[2]"
+    app_name: str = "distill-two-tower"
+    conf: dict[str, Any] = Field(default_factory=dict)
+
+
+class SyntheticConf(_Section):
+    n_users: int = Field(2000, ge=10)
+    n_items: int = Field(1000, ge=10)
+    n_events: int = Field(200_000, ge=100)
+    n_categories: int = Field(20, ge=2)
+    n_tags: int = Field(50, ge=2)
+    latent_dim: int = Field(8, ge=1)
+    days: float = Field(30.0, gt=0)
+    partitions: int = Field(8, ge=1)
+    seed: int = 7
+
+
+class TableSource(_Section):
+    path: str
+    format: Literal["parquet", "csv", "delta", "recbole", "movielens"] = "parquet"
+    columns: dict[str, str] = Field(default_factory=dict)   # canonical name -> source column
+    options: dict[str, Any] = Field(default_factory=dict)  # reader options (csv sep, header...)
+
+
+class SourceConf(_Section):
+    type: Literal["synthetic", "tables"] = "synthetic"
+    synthetic: SyntheticConf = SyntheticConf()
+    events: Optional[TableSource] = None
+    users: Optional[TableSource] = None
+    items: Optional[TableSource] = None
+    implicit: bool = False        # no label column: events are positives, negatives sampled
+
+    @model_validator(mode="after")
+    def _tables_given(self) -> "SourceConf":
+        if self.type == "tables" and self.events is None:
+            raise ValueError("data.source.type is 'tables' but data.source.events is not set")
+        return self
+
+
+class SplitConf(_Section):
+    valid_fraction: float = Field(0.1, ge=0, lt=1)
+    test_fraction: float = Field(0.1, gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _room_for_train(self) -> "SplitConf":
+        if self.valid_fraction + self.test_fraction >= 0.9:
+            raise ValueError("valid_fraction + test_fraction leaves less than 10% for training")
+        return self
+
+
+class NegativeConf(_Section):
+    per_positive: int = Field(4, ge=1)
+    seed: int = 11
+
+
+class DataConf(_Section):
+    name: str = "synthetic"
+    source: SourceConf = SourceConf()
+    split: SplitConf = SplitConf()
+    negatives: NegativeConf = NegativeConf()
+    history_lookback: int = Field(100, ge=1)  # events scanned back for a history sequence
+    feature_spec: FeatureSpec
+
+
+class ModelConf(_Section):
+    embedding_dim: int = Field(16, ge=1)
+    tower_dims: list[int] = Field(default_factory=lambda: [128, 64])
+    output_dim: int = Field(32, ge=1)
+    teacher_dims: list[int] = Field(default_factory=lambda: [256, 128, 64])
+    dropout: float = Field(0.0, ge=0, lt=1)
+
+
+class TrainConf(_Section):
+    backend: str = "local"
+    loader: str = "arrow"
+    num_processes: int = Field(2, ge=1)
+    local_mode: bool = True
+    use_gpu: bool = False
+    epochs: int = Field(3, ge=1)
+    batch_size: int = Field(1024, ge=1)
+    eval_batch_size: int = Field(65536, ge=1)
+    lr: float = Field(3e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    shuffle_buffer_rows: int = Field(200_000, ge=1)
+    prefetch_batches: int = Field(4, ge=0)
+    num_threads: int = Field(0, ge=0)   # torch intra-op threads per process; 0 = leave default
+    log_every: int = Field(100, ge=1)
+    early_stopping_patience: int = Field(0, ge=0)  # epochs without valid AUC gain; 0 = off
+
+    @field_validator("backend")
+    @classmethod
+    def _known_backend(cls, value: str) -> str:
+        if value not in BACKENDS:
+            raise ValueError(f"unknown train.backend '{value}'; known: {', '.join(BACKENDS)}")
+        return value
+
+    @field_validator("loader")
+    @classmethod
+    def _known_loader(cls, value: str) -> str:
+        if value not in LOADERS:
+            raise ValueError(f"unknown train.loader '{value}'; known: {', '.join(LOADERS)}")
+        return value
+
+
+class DistillConf(_Section):
+    method: str = "pfd"
+    alpha: float = Field(0.5, ge=0)          # weight of the distillation loss after warm-up
+    warmup_steps: int = Field(200, ge=0)     # linear warm-up of alpha (PFD: teacher first)
+    temperature: float = Field(1.0, gt=0)
+    teacher_checkpoint: Optional[str] = None  # a trained teacher (frozen) instead of joint training
+    train_baseline: bool = True               # also train the student without distillation
+
+
+class EvalConf(_Section):
+    k: list[int] = Field(default_factory=lambda: [10, 50])
+    user_batch_size: int = Field(4096, ge=1)
+    item_chunk_size: int = Field(262_144, ge=1)
+
+
+class Config(_Section):
+    run: RunConf = RunConf()
+    warehouse: WarehouseConf = WarehouseConf()
+    spark: SparkConf = SparkConf()
+    data: DataConf
+    model: ModelConf = ModelConf()
+    train: TrainConf = TrainConf()
+    distill: DistillConf = DistillConf()
+    eval: EvalConf = EvalConf()
+    profile: str = "local"
+
+    @property
+    def spec(self) -> FeatureSpec:
+        return self.data.feature_spec
+
+
+def _layer(path: Path, what: str):
+    if not path.exists():
+        choices = sorted(p.stem for p in path.parent.glob("*.yaml")) if path.parent.exists() else []
+        raise ConfigError(f"no {what} conf '{path.stem}' at {path}; available: {', '.join(choices) or 'none'}")
+    try:
+        return OmegaConf.load(path)
+    except (OmegaConfBaseException, OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read {what} conf {path}: {exc}") from exc
+
+
+def load_config(
+    dataset: Optional[str] = None,
+    method: Optional[str] = None,
+    profile: Optional[str] = None,
+    files: Sequence[str] = (),
+    overrides: Sequence[str] = (),
+    conf_dir: Path | str = CONF_DIR,
+) -> Config:
+    """Merge base.yaml, dataset/, method/, profile/, extra files, then ``key=value`` overrides.
+
+    The base names the default dataset, method and profile (``defaults``).
+    """
+    conf_dir = Path(conf_dir)
+    base = _layer(conf_dir / "base.yaml", "base")
+    defaults = base.pop("defaults", {}) or {}
+    chosen = {
+        "dataset": dataset or defaults.get("dataset", "synthetic"),
+        "method": method or defaults.get("method", "pfd"),
+        "profile": profile or defaults.get("profile", "local"),
+    }
+    layers = [base] + [_layer(conf_dir / kind / f"{name}.yaml", kind) for kind, name in chosen.items()]
+    layers += [_layer(Path(f), "extra") for f in files]
+    try:
+        dotlist = OmegaConf.from_dotlist(list(overrides))
+    except (OmegaConfBaseException, ValueError) as exc:
+        raise ConfigError(f"bad override in {list(overrides)}: {exc}") from exc
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key=value")
+    merged = OmegaConf.merge(*layers, dotlist, {"profile": chosen["profile"]})
+    merged.setdefault("distill", {})
+    if method and "method" not in merged.distill:
+        merged.distill.method = chosen["method"]
+    raw = OmegaConf.to_container(merged, resolve=True)
+    return validate_config(raw)
+
+
+def validate_config(raw: dict) -> Config:
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            where = ".".join(str(p) for p in err["loc"]) or "(top)"
+            msg = err["msg"]
+            if err["type"] == "extra_forbidden":
+                msg = "unknown key"
+            problems.append(f"{where}: {msg}")
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems)) from None

@@ -1,0 +1,246 @@
+"""The FeatureSpec: one declaration of every column, from ETL to model to export.
+
+Declared in conf YAML (``feature_spec``); ETL fills in what only the data can tell
+(vocabulary sizes, normalisation statistics, bucket boundaries) and saves the resolved
+spec as JSON beside the tables; models and the embedding job build from that file.
+
+Encoded column layout written by ETL (the loader and models rely on it):
+
+- ``categorical``: int32 index; 0 = padding / missing, 1 = out-of-vocabulary, 2.. = known.
+- ``multi_categorical``: array<int32> padded with 0 to ``max_len``.
+- ``sequence``: array<int32> of indices in the vocabulary of ``vocab_of``, padded with 0
+  to ``max_len``, oldest first; point-in-time (only events strictly before the sample).
+- ``numeric``: float32 (``transform`` standard / log_standard / none) or, with
+  ``bucketize``, an int32 bucket index (0 = missing, 1.. = buckets).
+- ``label`` / ``weight``: float32.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from enum import Enum
+from typing import Iterable, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+PAD_INDEX = 0
+OOV_INDEX = 1
+FIRST_INDEX = 2
+
+
+class Role(str, Enum):
+    user = "user"
+    item = "item"
+    context = "context"
+    privileged = "privileged"
+    label = "label"
+    weight = "weight"
+
+
+class Kind(str, Enum):
+    categorical = "categorical"
+    multi_categorical = "multi_categorical"
+    numeric = "numeric"
+    sequence = "sequence"
+    label = "label"
+
+
+# Derived privileged statistics the ETL knows how to compute point-in-time.
+PRIVILEGED_DERIVATIONS = (
+    "user_category_clicks",      # user's clicks in the item's category, past window
+    "user_category_ctr",         # smoothed CTR of the user in the item's category
+    "user_category_mean_dwell",  # user's mean dwell (log seconds) in the item's category
+    "user_item_impressions",     # times the user was shown this item before
+)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Feature(_Strict):
+    name: str
+    role: Role
+    kind: Kind
+    # where the raw value comes from: an entity table column, or a derivation from events
+    source: Literal["users", "items", "events", "derived"] = "events"
+    derive: Optional[str] = None
+    window_days: Optional[float] = None
+    transform: Literal["none", "standard", "log_standard", "bucketize"] = "standard"
+    num_buckets: int = Field(10, ge=2)
+    max_len: int = Field(1, ge=1)
+    separator: str = "|"
+    vocab_of: Optional[str] = None       # sequences: whose vocabulary (and embedding) they use
+    min_count: int = Field(1, ge=1)
+    embedding_dim: Optional[int] = Field(None, ge=1)
+    # filled by ETL
+    vocab_size: Optional[int] = None
+    mean: Optional[float] = None
+    std: Optional[float] = None
+    boundaries: Optional[tuple[float, ...]] = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Feature":
+        where = f"feature '{self.name}'"
+        if self.role in (Role.label, Role.weight) and self.kind not in (Kind.label, Kind.numeric):
+            raise ValueError(f"{where}: role {self.role.value} needs kind 'label' or 'numeric'")
+        if self.kind == Kind.label and self.role not in (Role.label, Role.weight):
+            raise ValueError(f"{where}: kind 'label' is only for roles label/weight")
+        if self.kind == Kind.sequence:
+            if not self.vocab_of:
+                raise ValueError(f"{where}: a sequence needs 'vocab_of' (the id feature it holds)")
+            if self.role not in (Role.user, Role.privileged):
+                raise ValueError(f"{where}: a history sequence belongs to role user")
+        if self.source == "derived" and self.derive not in PRIVILEGED_DERIVATIONS:
+            raise ValueError(
+                f"{where}: unknown derivation {self.derive!r}; known: {', '.join(PRIVILEGED_DERIVATIONS)}")
+        if self.derive is not None and self.source != "derived":
+            raise ValueError(f"{where}: 'derive' needs source 'derived'")
+        if self.source == "derived" and self.role != Role.privileged:
+            raise ValueError(f"{where}: derived user x item statistics are privileged only")
+        return self
+
+    @property
+    def is_categorical(self) -> bool:
+        """Encoded as integer indices (embedded by a lookup table)."""
+        return self.kind in (Kind.categorical, Kind.multi_categorical, Kind.sequence) or (
+            self.kind == Kind.numeric and self.transform == "bucketize")
+
+    @property
+    def is_list(self) -> bool:
+        return self.kind in (Kind.multi_categorical, Kind.sequence)
+
+    @property
+    def table_size(self) -> int:
+        """Rows of the embedding table (indices 0..table_size-1)."""
+        if self.kind == Kind.numeric and self.transform == "bucketize":
+            if self.boundaries is None:
+                raise ValueError(f"feature '{self.name}' is not resolved: run ETL first")
+            return len(self.boundaries) + 2
+        if self.vocab_size is None:
+            raise ValueError(f"feature '{self.name}' has no vocab_size: run ETL first")
+        return self.vocab_size
+
+
+class Keys(_Strict):
+    user: str = "user_id"
+    item: str = "item_id"
+    timestamp: str = "timestamp"
+
+
+class FeatureSpec(_Strict):
+    keys: Keys = Keys()
+    features: tuple[Feature, ...]
+    resolved: bool = False
+
+    @field_validator("features")
+    @classmethod
+    def _unique(cls, features):
+        seen = set()
+        for f in features:
+            if f.name in seen:
+                raise ValueError(f"feature '{f.name}' is declared twice")
+            seen.add(f.name)
+        return features
+
+    @model_validator(mode="after")
+    def _shape(self) -> "FeatureSpec":
+        labels = [f for f in self.features if f.role == Role.label]
+        if len(labels) != 1:
+            raise ValueError(f"the spec needs exactly one label feature, found {len(labels)}")
+        names = {f.name for f in self.features}
+        for f in self.features:
+            if f.vocab_of and f.vocab_of not in names:
+                raise ValueError(f"feature '{f.name}': vocab_of '{f.vocab_of}' is not a declared feature")
+        for key, role in ((self.keys.user, Role.user), (self.keys.item, Role.item)):
+            f = self.get(key) if key in names else None
+            if f is None or f.role != role or f.kind != Kind.categorical:
+                raise ValueError(f"the {role.value} key '{key}' must be a categorical feature of role {role.value}")
+        return self
+
+    # ---- lookups -------------------------------------------------------------------------
+    def get(self, name: str) -> Feature:
+        for f in self.features:
+            if f.name == name:
+                return f
+        raise KeyError(f"no feature named '{name}' in the FeatureSpec")
+
+    def by_role(self, *roles: Role | str) -> tuple[Feature, ...]:
+        wanted = {Role(r) for r in roles}
+        return tuple(f for f in self.features if f.role in wanted)
+
+    @property
+    def label(self) -> Feature:
+        return self.by_role(Role.label)[0]
+
+    @property
+    def weight(self) -> Optional[Feature]:
+        w = self.by_role(Role.weight)
+        return w[0] if w else None
+
+    @property
+    def user_features(self) -> tuple[Feature, ...]:
+        return self.by_role(Role.user)
+
+    @property
+    def item_features(self) -> tuple[Feature, ...]:
+        return self.by_role(Role.item)
+
+    @property
+    def privileged_names(self) -> frozenset[str]:
+        return frozenset(f.name for f in self.by_role(Role.privileged))
+
+    def input_features(self) -> tuple[Feature, ...]:
+        """Every model input (all but label and weight)."""
+        return tuple(f for f in self.features if f.role not in (Role.label, Role.weight))
+
+    def columns(self, features: Iterable[Feature]) -> list[str]:
+        return [f.name for f in features]
+
+    def sample_columns(self) -> list[str]:
+        """Columns a training sample carries: inputs, label, weight, and the raw keys."""
+        return [f.name for f in self.features] + ["user_key", "item_key", self.keys.timestamp]
+
+    def embedding_table_owner(self, feature: Feature) -> Feature:
+        """The feature whose embedding table ``feature`` looks up (sequences share it)."""
+        return self.get(feature.vocab_of) if feature.vocab_of else feature
+
+    def assert_public(self, names: Iterable[str], where: str) -> None:
+        """Refuse privileged columns where only public ones may go (student towers, serving)."""
+        leaked = sorted(set(names) & self.privileged_names)
+        if leaked:
+            raise PrivilegedLeakError(f"{where} may not use privileged columns: {', '.join(leaked)}")
+
+    # ---- persistence ---------------------------------------------------------------------
+    def to_json(self) -> str:
+        return self.model_dump_json(indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> "FeatureSpec":
+        return cls.model_validate(json.loads(text))
+
+    def save(self, path: str) -> None:
+        """Write atomically (temp file + rename): readers never see half a spec."""
+        directory = os.path.dirname(os.path.abspath(path))
+        os.makedirs(directory, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".spec-", suffix=".json")
+        with os.fdopen(fd, "w") as fh:
+            fh.write(self.to_json())
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str) -> "FeatureSpec":
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"no resolved FeatureSpec at {path}: run jobs/build_features.py first")
+        with open(path) as fh:
+            return cls.from_json(fh.read())
+
+    def resolve(self, updates: dict[str, dict]) -> "FeatureSpec":
+        """A copy with ETL's statistics filled in (``updates``: feature name -> fields)."""
+        feats = tuple(f.model_copy(update=updates.get(f.name, {})) for f in self.features)
+        return FeatureSpec(keys=self.keys, features=feats, resolved=True)
+
+
+class PrivilegedLeakError(ValueError):
+    """A privileged column was about to reach a student tower, the embedding job or serving."""
