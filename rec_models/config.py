@@ -82,7 +82,7 @@ class SyntheticConf(_Section):
 
 class TableSource(_Section):
     path: str
-    format: Literal["parquet", "csv", "delta", "recbole", "movielens"] = "parquet"
+    format: Literal["parquet", "csv", "delta"] = "parquet"
     columns: dict[str, str] = Field(default_factory=dict)   # canonical name -> source column
     options: dict[str, Any] = Field(default_factory=dict)  # reader options (csv sep, header...)
 
@@ -124,6 +124,9 @@ class DataConf(_Section):
     split: SplitConf = SplitConf()
     negatives: NegativeConf = NegativeConf()
     history_lookback: int = Field(100, ge=1)  # events scanned back for a history sequence
+    # events whose user or item is missing from the users / items table: fail, or give them
+    # the out-of-vocabulary features
+    unknown_ids: Literal["error", "oov"] = "error"
     feature_spec: FeatureSpec
 
 

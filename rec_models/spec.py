@@ -66,7 +66,8 @@ class Feature(_Strict):
     # where the raw value comes from: an entity table column, or a derivation from events
     source: Literal["users", "items", "events", "derived"] = "events"
     derive: Optional[str] = None
-    window_days: Optional[float] = None
+    window_days: Optional[float] = Field(None, gt=0)  # derived statistics: look-back window
+    group_by: str = "category"                        # derived user x group statistics: item column
     transform: Literal["none", "standard", "log_standard", "bucketize"] = "standard"
     num_buckets: int = Field(10, ge=2)
     max_len: int = Field(1, ge=1)
@@ -133,6 +134,7 @@ class FeatureSpec(_Strict):
     keys: Keys = Keys()
     features: tuple[Feature, ...]
     resolved: bool = False
+    split_times: Optional[dict[str, int]] = None  # filled by ETL: first timestamp of valid / test
 
     @field_validator("features")
     @classmethod

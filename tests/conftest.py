@@ -20,6 +20,7 @@ def spark():
         "spark.default.parallelism": 4,
         "spark.sql.session.timeZone": "UTC",
         "spark.ui.enabled": False,
+        "spark.ui.showConsoleProgress": False,
         "spark.sql.execution.arrow.pyspark.enabled": True,
         "spark.driver.memory": "3g",
     }))

@@ -1,0 +1,88 @@
+"""Raw inputs: events, users and items from the synthetic generator or from tables.
+
+Tables come as Parquet, CSV or Delta with a column mapping in conf
+(``columns: {canonical_name: source_column}``); ids may be strings or integers and are
+carried as strings from here on. The canonical event columns are ``user_id``, ``item_id``,
+``timestamp`` (seconds, or a timestamp type), ``label`` (absent for implicit feedback)
+and ``dwell_time`` (seconds, null for non-clicks).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+from pyspark.sql import types as T
+
+from rec_models.config import DataConf, TableSource
+
+
+class InputError(ValueError):
+    """Bad input data: the message names the table, the column and what is wrong."""
+
+
+def load_sources(spark: SparkSession, data: DataConf) -> tuple[DataFrame, Optional[DataFrame], Optional[DataFrame]]:
+    """(events, users, items) with canonical key names; users/items may be None."""
+    src = data.source
+    keys = data.feature_spec.keys
+    if src.type == "synthetic":
+        from etl.synthetic import generate
+
+        return generate(spark, src.synthetic)
+    events = read_source(spark, src.events, "events")
+    users = read_source(spark, src.users, "users") if src.users else None
+    items = read_source(spark, src.items, "items") if src.items else None
+    events = _canonical_keys(events, "events", (keys.user, keys.item), timestamp=keys.timestamp)
+    if users is not None:
+        users = _canonical_keys(users, "users", (keys.user,))
+    if items is not None:
+        items = _canonical_keys(items, "items", (keys.item,))
+    return events, users, items
+
+
+def read_source(spark: SparkSession, source: TableSource, table: str) -> DataFrame:
+    if source.format == "delta":
+        from etl.delta_io import read_table
+
+        df = read_table(spark, source.path)
+    else:
+        reader = spark.read.options(**{k: str(v) for k, v in source.options.items()})
+        if source.format == "csv":
+            reader = reader.option("header", source.options.get("header", "true")).option(
+                "inferSchema", source.options.get("inferSchema", "true"))
+        try:
+            df = reader.format(source.format).load(source.path)
+        except Exception as exc:  # Spark's AnalysisException: path missing, unreadable...
+            raise InputError(f"cannot read the {table} table ({source.format}) at {source.path}: {exc}") from None
+    missing = sorted(c for c in source.columns.values() if c not in df.columns)
+    if missing:
+        raise InputError(
+            f"{table} table at {source.path}: mapped column(s) {', '.join(missing)} not found; "
+            f"it has: {', '.join(df.columns)}")
+    for canonical, column in source.columns.items():
+        if canonical != column:
+            df = df.withColumnRenamed(column, canonical)
+    return df
+
+
+def _canonical_keys(df: DataFrame, table: str, ids: tuple[str, ...], timestamp: Optional[str] = None) -> DataFrame:
+    """Ids as strings; the event time as integer seconds."""
+    key_columns = ids + ((timestamp,) if timestamp else ())
+    missing = [c for c in key_columns if c not in df.columns]
+    if missing:
+        raise InputError(f"{table} table: required column(s) {', '.join(missing)} missing; "
+                         f"it has: {', '.join(df.columns)} (map them in data.source.{table}.columns)")
+    for c in key_columns:
+        dtype = df.schema[c].dataType
+        if c == timestamp:
+            if isinstance(dtype, (T.TimestampType, T.TimestampNTZType, T.DateType)):
+                df = df.withColumn(c, F.unix_timestamp(F.col(c).cast("timestamp")))
+            elif isinstance(dtype, T.NumericType):
+                df = df.withColumn(c, F.col(c).cast("long"))
+            else:
+                raise InputError(f"{table}.{c} must be numeric seconds or a timestamp, got {dtype.simpleString()}")
+        elif isinstance(dtype, (T.StringType, T.IntegralType)):
+            df = df.withColumn(c, F.col(c).cast("string"))
+        else:
+            raise InputError(f"{table}.{c} must be a string or integer id, got {dtype.simpleString()}")
+    return df

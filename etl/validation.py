@@ -1,0 +1,119 @@
+"""Checks on raw inputs before anything is written: each problem is named, all at once.
+
+One aggregation pass over the events counts every kind of bad row, so validating costs
+one scan, not one per rule.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+from pyspark.sql import DataFrame
+from pyspark.sql import functions as F
+from pyspark.sql import types as T
+
+from etl.sources import InputError
+from rec_models.spec import FeatureSpec, Kind
+
+DWELL = "dwell_time"
+
+
+def needs_dwell(spec: FeatureSpec) -> bool:
+    return any(f.derive == "user_category_mean_dwell" for f in spec.features)
+
+
+def required_event_columns(spec: FeatureSpec, implicit: bool) -> list[str]:
+    cols = [spec.keys.user, spec.keys.item, spec.keys.timestamp]
+    if not implicit:
+        cols.append(spec.label.name)
+    if needs_dwell(spec):
+        cols.append(DWELL)
+    return cols
+
+
+def entity_columns(spec: FeatureSpec, source: str) -> list[str]:
+    """Raw columns an entity table must provide (sequences are built from events)."""
+    return [f.name for f in spec.features if f.source == source and f.kind != Kind.sequence]
+
+
+def validate_inputs(events: DataFrame, users: Optional[DataFrame], items: Optional[DataFrame],
+                    spec: FeatureSpec, implicit: bool) -> None:
+    _require(events, "events", required_event_columns(spec, implicit))
+    for table, df, key in (("users", users, spec.keys.user), ("items", items, spec.keys.item)):
+        wanted = entity_columns(spec, table)
+        if df is None:
+            extra = [c for c in wanted if c != key]
+            if extra:
+                raise InputError(f"the FeatureSpec reads {', '.join(extra)} from a {table} table, "
+                                 f"but data.source.{table} is not configured")
+        else:
+            _require(df, table, wanted)
+    group_cols = {f.group_by for f in spec.features if f.derive and f.derive.startswith("user_category")}
+    for g in group_cols:
+        if items is None or g not in items.columns:
+            raise InputError(f"derived user x '{g}' statistics need an items table with column '{g}'")
+    _check_event_values(events, spec, implicit)
+    for table, df, key in (("users", users, spec.keys.user), ("items", items, spec.keys.item)):
+        if df is not None:
+            _check_entity(df, table, key)
+
+
+def _require(df: DataFrame, table: str, columns: list[str]) -> None:
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise InputError(f"{table} table: missing column(s) {', '.join(missing)}; "
+                         f"it has: {', '.join(df.columns)}")
+
+
+def _check_event_values(events: DataFrame, spec: FeatureSpec, implicit: bool) -> None:
+    k = spec.keys
+    checks = {
+        f"null {k.user}": F.col(k.user).isNull(),
+        f"null {k.item}": F.col(k.item).isNull(),
+        f"null {k.timestamp}": F.col(k.timestamp).isNull(),
+    }
+    label = spec.label.name
+    if not implicit:
+        if not isinstance(events.schema[label].dataType, (T.NumericType, T.BooleanType)):
+            raise InputError(f"events.{label} must be numeric 0/1 or boolean, "
+                             f"got {events.schema[label].dataType.simpleString()}")
+        value = F.col(label).cast("double")
+        checks[f"null {label}"] = F.col(label).isNull()
+        checks[f"{label} not 0 or 1"] = F.col(label).isNotNull() & ~value.isin(0.0, 1.0)
+    if DWELL in events.columns and needs_dwell(spec):
+        if not isinstance(events.schema[DWELL].dataType, T.NumericType):
+            raise InputError(f"events.{DWELL} must be numeric seconds, got {events.schema[DWELL].dataType.simpleString()}")
+        dwell = F.col(DWELL).cast("double")
+        checks[f"negative {DWELL}"] = dwell < 0
+        checks[f"NaN {DWELL}"] = F.isnan(dwell)
+    row = events.agg(F.count(F.lit(1)).alias("rows"),
+                     *[F.sum(F.when(cond, 1).otherwise(0)).alias(f"c{i}") for i, cond in enumerate(checks.values())]
+                     ).first()
+    if row["rows"] == 0:
+        raise InputError("the events table is empty: nothing to build features from")
+    bad = [f"{row[f'c{i}']} rows with {name}" for i, name in enumerate(checks) if row[f"c{i}"]]
+    if bad:
+        raise InputError(f"events table ({row['rows']} rows) has bad values: " + "; ".join(bad))
+
+
+def _check_entity(df: DataFrame, table: str, key: str) -> None:
+    row = df.agg(F.count(F.lit(1)).alias("rows"),
+                 F.sum(F.when(F.col(key).isNull(), 1).otherwise(0)).alias("null_keys"),
+                 F.countDistinct(key).alias("distinct")).first()
+    if row["rows"] == 0:
+        raise InputError(f"the {table} table is empty")
+    if row["null_keys"]:
+        raise InputError(f"{table} table has {row['null_keys']} rows with null {key}")
+    if row["distinct"] != row["rows"]:
+        raise InputError(f"{table} table has duplicate {key} values ({row['rows'] - row['distinct']} duplicates)")
+
+
+def check_unknown_ids(events: DataFrame, entity: DataFrame, key: str, table: str, policy: str) -> None:
+    """Events whose id is absent from the entity table: an error unless policy is 'oov'."""
+    if policy == "oov":
+        return
+    unknown = events.select(key).distinct().join(entity.select(key), key, "left_anti")
+    sample = [r[key] for r in unknown.limit(5).collect()]
+    if sample:
+        n = unknown.count()
+        raise InputError(f"{n} {key} value(s) in events are not in the {table} table (e.g. {', '.join(sample)}); "
+                         f"fix the inputs or set data.unknown_ids=oov")

@@ -1,0 +1,246 @@
+"""The training loop, identical under every backend.
+
+``train_worker`` runs in each training process (the driver for ``local``, a
+TorchDistributor process otherwise): it reads its shard of the training split, trains with
+DDP when the world is larger than one, evaluates on the validation split each epoch,
+checkpoints on rank 0 and returns the test metrics of rank 0.
+
+A model is any module with ``training_loss(batch, step) -> (loss, logs)`` and
+``forward(batch) -> {head: logit}`` (heads: "teacher", "student").
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from rec_models.config import Config, validate_config
+from rec_models.loader import ArrowBatchLoader
+from rec_models.metrics import auc, logloss
+from rec_models.spec import FeatureSpec
+
+log = logging.getLogger(__name__)
+
+MODEL_KINDS = ("pfd", "student", "teacher")
+
+
+@dataclass
+class TrainJob:
+    """Everything a worker needs, picklable (sent to TorchDistributor processes)."""
+    kind: str
+    config: dict
+    spec_json: str
+    files: dict[str, list[str]]
+    out_dir: str
+    teacher_checkpoint: Optional[str] = None
+    tags: dict = field(default_factory=dict)
+
+
+def build_model(kind: str, spec: FeatureSpec, cfg: Config, teacher_checkpoint: Optional[str] = None) -> nn.Module:
+    from rec_models.pfd import PFDModel, StudentOnly, TeacherOnly
+
+    if kind == "pfd":
+        model = PFDModel(spec, cfg.model, cfg.distill, teacher_frozen=teacher_checkpoint is not None)
+        if teacher_checkpoint:
+            model.load_teacher(load_checkpoint(teacher_checkpoint)["model"])
+        return model
+    if kind == "student":
+        return StudentOnly(spec, cfg.model)
+    if kind == "teacher":
+        return TeacherOnly(spec, cfg.model)
+    raise ValueError(f"unknown model kind '{kind}'; known: {', '.join(MODEL_KINDS)}")
+
+
+class _LossModule(nn.Module):
+    """Routes ``training_loss`` through ``forward`` so that DDP's gradient hooks run."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch, step: int):
+        return self.model.training_loss(batch, step)
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _init_distributed(use_gpu: bool) -> bool:
+    """Join the process group TorchDistributor (or torchrun) described in the environment."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return False
+    dist.init_process_group(backend="nccl" if use_gpu and torch.cuda.is_available() else "gloo")
+    return True
+
+
+def train_worker(job: TrainJob) -> dict:
+    cfg = validate_config(job.config)
+    spec = FeatureSpec.from_json(job.spec_json)
+    started_group = _init_distributed(cfg.train.use_gpu)
+    try:
+        return _train(job, cfg, spec)
+    finally:
+        if started_group:
+            dist.destroy_process_group()
+
+
+def _train(job: TrainJob, cfg: Config, spec: FeatureSpec) -> dict:
+    rank, world = _world()
+    tc = cfg.train
+    if tc.num_threads:
+        torch.set_num_threads(tc.num_threads)
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if tc.use_gpu and torch.cuda.is_available() else "cpu")
+    torch.manual_seed(cfg.run.seed)
+    np.random.seed(cfg.run.seed)
+
+    model = build_model(job.kind, spec, cfg, job.teacher_checkpoint).to(device)
+    columns = model_columns(spec)
+    loader = ArrowBatchLoader(job.files["train"], spec, columns, tc.batch_size, rank=rank, world_size=world,
+                              shuffle=True, seed=cfg.run.seed, shuffle_buffer_rows=tc.shuffle_buffer_rows,
+                              prefetch_batches=tc.prefetch_batches)
+    if len(loader) == 0:
+        raise ValueError(f"the training split has too few rows ({loader.num_rows} on rank {rank}) "
+                         f"for one batch of {tc.batch_size}")
+    step_module = _LossModule(model)
+    if world > 1:
+        step_module = nn.parallel.DistributedDataParallel(
+            step_module, device_ids=[device.index] if device.type == "cuda" else None)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=tc.lr, weight_decay=tc.weight_decay)
+
+    history, step, best_auc, since_best = [], 0, -1.0, 0
+    t0 = time.perf_counter()
+    for epoch in range(tc.epochs):
+        model.train()
+        loader.set_epoch(epoch)
+        sums: dict[str, float] = {}
+        for batch in loader:
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            loss, logs = step_module(batch, step)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            for k, v in logs.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+            if rank == 0 and step % tc.log_every == 0:
+                log.info("epoch %d step %d %s", epoch, step, " ".join(f"{k}={v:.4f}" for k, v in logs.items()))
+        record = {"epoch": epoch, "steps": step, **{f"train_{k}": v / max(1, len(loader)) for k, v in sums.items()}}
+        if rank == 0:
+            record.update({f"valid_{k}": v for k, v in evaluate(model, job.files["valid"], spec, cfg, device).items()})
+            save_checkpoint(os.path.join(job.out_dir, "checkpoints", f"epoch_{epoch}.pt"), model, optimizer, epoch, step, job)
+            log.info("epoch %d: %s", epoch, json.dumps(record))
+        history.append(record)
+        stop = _early_stop(record, tc.early_stopping_patience, best_auc, since_best)
+        best_auc, since_best = stop[1], stop[2]
+        if _all_agree(stop[0], device):
+            break
+    train_seconds = time.perf_counter() - t0
+    result: dict = {}
+    if rank == 0:
+        final = os.path.join(job.out_dir, "checkpoints", "last.pt")
+        save_checkpoint(final, model, optimizer, epoch, step, job)
+        result = {
+            "kind": job.kind, "checkpoint": final, "history": history,
+            "train_seconds": train_seconds, "steps": step, "world_size": world,
+            "samples_per_second": step * tc.batch_size * world / max(train_seconds, 1e-9),
+            "test": evaluate(model, job.files["test"], spec, cfg, device),
+        }
+        with open(os.path.join(job.out_dir, "metrics.json"), "w") as fh:
+            json.dump(result, fh, indent=2)
+    if world > 1:
+        dist.barrier()
+    return result
+
+
+def _early_stop(record: dict, patience: int, best: float, since: int) -> tuple[bool, float, int]:
+    key = next((k for k in ("valid_student_auc", "valid_teacher_auc") if k in record), None)
+    if not patience or key is None:
+        return False, best, since
+    if record[key] > best + 1e-4:
+        return False, record[key], 0
+    return since + 1 >= patience, best, since + 1
+
+
+def _all_agree(flag: bool, device) -> bool:
+    """Rank 0 decides (it alone evaluates); every rank follows, or DDP would hang."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.broadcast(t, src=0)
+    return bool(t.item())
+
+
+def model_columns(spec: FeatureSpec) -> list[str]:
+    """Columns the loader reads: all model inputs, the label and the weight."""
+    cols = [f.name for f in spec.input_features()] + [spec.label.name]
+    if spec.weight is not None:
+        cols.append(spec.weight.name)
+    return cols
+
+
+@torch.no_grad()
+def predict(model: nn.Module, files: list[str], spec: FeatureSpec, cfg: Config, device) -> tuple[np.ndarray, dict]:
+    """Labels and each head's probabilities over ``files``, in file order."""
+    model.eval()
+    loader = ArrowBatchLoader(files, spec, model_columns(spec), cfg.train.eval_batch_size, shuffle=False,
+                              drop_last=False, prefetch_batches=cfg.train.prefetch_batches)
+    labels, probs = [], {}
+    for batch in loader:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        for head, logit in model(batch).items():
+            probs.setdefault(head, []).append(torch.sigmoid(logit).float().cpu().numpy())
+        labels.append(batch[spec.label.name].cpu().numpy())
+    model.train()
+    if not labels:
+        raise ValueError("evaluation split is empty")
+    return np.concatenate(labels), {h: np.concatenate(p) for h, p in probs.items()}
+
+
+def evaluate(model: nn.Module, files: list[str], spec: FeatureSpec, cfg: Config, device) -> dict:
+    labels, probs = predict(model, files, spec, cfg, device)
+    out = {"rows": int(labels.size), "positive_rate": float(labels.mean())}
+    for head, p in probs.items():
+        out[f"{head}_auc"] = auc(labels, p)
+        out[f"{head}_logloss"] = logloss(labels, p)
+    return out
+
+
+def save_checkpoint(path: str, model: nn.Module, optimizer, epoch: int, step: int, job: TrainJob) -> None:
+    """Atomic: a reader sees the previous checkpoint or this one, never a torn file."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch, "step": step,
+             "kind": job.kind, "spec_json": job.spec_json, "config": job.config, "tags": job.tags}
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
+    os.close(fd)
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str) -> dict:
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def load_trained(path: str) -> tuple[nn.Module, FeatureSpec, Config]:
+    """Rebuild a model from its checkpoint (works whichever backend wrote it)."""
+    ckpt = load_checkpoint(path)
+    cfg = validate_config(ckpt["config"])
+    spec = FeatureSpec.from_json(ckpt["spec_json"])
+    model = build_model(ckpt["kind"], spec, cfg)
+    model.load_state_dict(ckpt["model"])
+    model.eval()
+    return model, spec, cfg
