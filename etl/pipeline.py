@@ -1,0 +1,146 @@
+"""The workflow the jobs chain, as library calls a notebook can make too.
+
+    ensure_features -> train (teacher | pfd | student) -> export student -> write_embeddings
+    -> retrieval_metrics
+
+Runs are laid out by name and version, so that separately scheduled jobs find each
+other's outputs: ``{run.output_dir}/{run.name}/{run.version}/{teacher,pfd,baseline}/`` and
+the exported ``student.pt``. A rerun of the same version replaces them.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+from typing import Optional
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from etl import delta_io
+from etl.embeddings import ModelTag
+from rec_models.config import Config
+from rec_models.spec import FeatureSpec
+
+log = logging.getLogger(__name__)
+FEATURE_TABLES = ("user_features", "item_features", "samples")
+
+
+def new_run_id() -> str:
+    return uuid.uuid4().hex[:16]
+
+
+def run_dir(cfg: Config, *parts: str) -> str:
+    return os.path.join(os.path.abspath(cfg.run.output_dir), cfg.run.name, cfg.run.version, *parts)
+
+
+def features_ready(cfg: Config) -> bool:
+    return os.path.exists(cfg.warehouse.spec_path) and all(
+        delta_io.table_exists(cfg.warehouse.uri(t)) for t in FEATURE_TABLES)
+
+
+def ensure_features(spark, cfg: Config, rebuild: bool = False) -> FeatureSpec:
+    """The resolved spec, building the feature tables first when they are missing."""
+    if rebuild or not features_ready(cfg):
+        from etl.build import build_features
+
+        log.info("building feature tables under %s", cfg.warehouse.root)
+        return build_features(spark, cfg).spec
+    return load_spec(cfg)
+
+
+def load_spec(cfg: Config) -> FeatureSpec:
+    """The spec ETL resolved; its features must be the ones this run's conf declares."""
+    spec = FeatureSpec.load(cfg.warehouse.spec_path)
+    declared = [f.name for f in cfg.spec.features]
+    built = [f.name for f in spec.features]
+    if declared != built:
+        raise ValueError(f"the feature tables at {cfg.warehouse.root} were built for features {built}, "
+                         f"but the conf declares {declared}: rerun jobs/build_features.py")
+    return spec
+
+
+def training_files(cfg: Config) -> dict[str, list[str]]:
+    uri = cfg.warehouse.uri("samples")
+    files = {s: delta_io.snapshot_files(uri, [("split", "=", s)]) for s in ("train", "valid", "test")}
+    for split, paths in files.items():
+        if not paths:
+            raise ValueError(f"the samples table at {uri} has no {split} rows: rerun jobs/build_features.py")
+    return files
+
+
+def train(cfg: Config, spec: FeatureSpec, kind: str, out_dir: str, run_id: str,
+          teacher_checkpoint: Optional[str] = None) -> dict:
+    from rec_models.backends import run_training
+    from rec_models.train import TrainJob
+
+    os.makedirs(out_dir, exist_ok=True)
+    job = TrainJob(kind=kind, config=cfg.model_dump(mode="json"), spec_json=spec.to_json(),
+                   files=training_files(cfg), out_dir=out_dir, teacher_checkpoint=teacher_checkpoint,
+                   tags={"run_id": run_id, "name": cfg.run.name, "version": cfg.run.version})
+    log.info("training %s with backend %s", kind, cfg.train.backend)
+    return run_training(job, cfg.train)
+
+
+def export_student_of(checkpoint: str, path: str, tag: ModelTag) -> str:
+    """Export the student towers of a trained model (PFD or student-only checkpoint)."""
+    from rec_models.export import export_student
+    from rec_models.train import load_trained
+
+    model, spec, _ = load_trained(checkpoint)
+    return export_student(model.student, spec, path, meta={"name": tag.name, "version": tag.version,
+                                                           "run_id": tag.run_id, "checkpoint": checkpoint})
+
+
+def write_embeddings(spark, cfg: Config, bundle: str, tag: ModelTag) -> dict[str, str]:
+    from etl.embeddings import write_embeddings as _write
+
+    return _write(spark, cfg, bundle, tag)
+
+
+def retrieval_metrics(cfg: Config, tag: ModelTag) -> dict:
+    """Recall@K and NDCG@K of the embedding tables against the test split's clicks.
+
+    Exact top-K over the whole item table, users in batches (bounded memory).
+    """
+    import torch
+
+    from rec_models.metrics import ndcg_at_k, recall_at_k
+    from rec_models.retrieval import top_k
+
+    part = [("model_name", "=", tag.name), ("model_version", "=", tag.version)]
+    items = delta_io.read_arrow(cfg.warehouse.uri("item_embeddings"), ["id", "vector"], part)
+    users = delta_io.read_arrow(cfg.warehouse.uri("user_embeddings"), ["id", "vector"], part)
+    test = delta_io.read_arrow(cfg.warehouse.uri("samples"), ["user_key", "item_key", cfg.spec.label.name],
+                               [("split", "=", "test")])
+    test = test.filter(pc.equal(test[cfg.spec.label.name], 1.0))
+    item_pos = pc.index_in(test["item_key"], value_set=items["id"]).to_numpy(zero_copy_only=False)
+    user_pos = pc.index_in(test["user_key"], value_set=users["id"]).to_numpy(zero_copy_only=False)
+    known = ~(np.isnan(item_pos.astype(float)) | np.isnan(user_pos.astype(float)))
+    item_pos, user_pos = item_pos[known].astype(np.int64), user_pos[known].astype(np.int64)
+    item_mat = _matrix(items["vector"])
+    user_mat = _matrix(users["vector"])
+    eval_users = np.unique(user_pos)
+    ks = sorted(cfg.eval.k)
+    sums = {f"{m}@{k}": 0.0 for k in ks for m in ("recall", "ndcg")}
+    bs = cfg.eval.user_batch_size
+    for start in range(0, eval_users.size, bs):
+        batch_users = eval_users[start:start + bs]
+        top = top_k(torch.from_numpy(user_mat[batch_users]), torch.from_numpy(item_mat), max(ks),
+                    cfg.eval.item_chunk_size).numpy()
+        in_batch = np.isin(user_pos, batch_users)
+        rows = np.searchsorted(batch_users, user_pos[in_batch])
+        positives = (rows, item_pos[in_batch])
+        for k in ks:
+            sums[f"recall@{k}"] += recall_at_k(top, positives, k) * batch_users.size
+            sums[f"ndcg@{k}"] += ndcg_at_k(top, positives, k) * batch_users.size
+    n = max(1, eval_users.size)
+    out = {k: v / n for k, v in sums.items()}
+    out.update({"users": int(eval_users.size), "items": int(item_mat.shape[0])})
+    return out
+
+
+def _matrix(vectors: pa.ChunkedArray) -> np.ndarray:
+    flat = pc.list_flatten(vectors).to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+    return flat.reshape(len(vectors), -1)
