@@ -15,8 +15,11 @@ $(VENV)/.installed: setup.py
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $@
 
+SUBMIT := $(VENV)/bin/spark-submit --master 'local[2]' --driver-memory 4g \
+	--driver-java-options '-Dlog4j2.configurationFile=$(abspath conf/log4j2.properties)'
+
 run: venv
-	$(VENV)/bin/spark-submit --master 'local[2]' --driver-memory 4g jobs/distill_pfd.py $(ARGS)
+	$(SUBMIT) jobs/distill_pfd.py $(ARGS)
 
 test: venv
 	$(PY) -m pytest $(PYTEST_ARGS)

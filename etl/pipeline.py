@@ -142,5 +142,5 @@ def retrieval_metrics(cfg: Config, tag: ModelTag) -> dict:
 
 
 def _matrix(vectors: pa.ChunkedArray) -> np.ndarray:
-    flat = pc.list_flatten(vectors).to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
-    return flat.reshape(len(vectors), -1)
+    flat = pc.list_flatten(vectors).to_numpy(zero_copy_only=False)
+    return np.array(flat, dtype=np.float32).reshape(len(vectors), -1)  # a writable copy for torch

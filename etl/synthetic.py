@@ -3,8 +3,10 @@
 The click model is built so that privileged, point-in-time signals matter:
 
     logit(u, i, t) = b + a * <z_u, z_i> / sqrt(d)          latent affinity (learnable from ids)
-                       + c * taste(u, cat(i), period(u, t))  user x category taste that is
-                                                             redrawn every ``period`` days
+                       + q * quality(i)                      item popularity / quality
+                       + c * taste(u, cat(i), t)             user x category taste: a lasting
+                                                             part and a part redrawn every
+                                                             ``period`` days
                        - f * n_prev(u, i, t)                fatigue from repeated impressions
     click ~ Bernoulli(sigmoid(logit))
     dwell | click = exp(2.5 + 0.6 * taste + 0.3 * affinity + 0.5 * eps)  seconds
@@ -26,13 +28,14 @@ from rec_models.config import SyntheticConf
 
 T0 = 1_700_000_000  # 2023-11-14, a fixed epoch so that runs are reproducible
 TASTE_PERIOD_DAYS = 10.0
+EXPOSURE_CANDIDATES = 4
 
 
 def generate(spark: SparkSession, conf: SyntheticConf) -> tuple[DataFrame, DataFrame, DataFrame]:
     """Return (events, users, items) with the canonical column names."""
     users = _users(spark, conf)
     items = _items(spark, conf)
-    return _events(spark, conf, users, items), users.drop("z", "phase"), items.drop("z")
+    return _events(spark, conf, users, items), users.drop("z", "phase"), items.drop("z", "quality")
 
 
 def _latent(conf: SyntheticConf, salt: str, key: str):
@@ -66,6 +69,7 @@ def _items(spark: SparkSession, conf: SyntheticConf) -> DataFrame:
     return df.select(
         F.concat(F.lit("i"), F.col("id").cast("string")).alias("item_id"),
         _latent(conf, "iz", "id").alias("z"),
+        normal(s, "quality", "id").alias("quality"),
         F.concat(F.lit("c"), cat.cast("string")).alias("category"),
         F.array_join(F.array_distinct(tags), "|").alias("tags"),
         F.round(F.exp(1.5 + 0.6 * normal(s, "price", "id") + 0.05 * cat), 2).alias("price"),
@@ -73,6 +77,12 @@ def _items(spark: SparkSession, conf: SyntheticConf) -> DataFrame:
 
 
 def _events(spark: SparkSession, conf: SyntheticConf, users: DataFrame, items: DataFrame) -> DataFrame:
+    """Impressions chosen by a noisy previous policy, then clicks from the click model.
+
+    Each impression picks the best of ``EXPOSURE_CANDIDATES`` popularity-drawn items by
+    affinity + Gumbel noise: exposure leans towards what the user likes, as logged
+    impressions of a deployed recommender do, so that retrieval metrics mean something.
+    """
     s = conf.seed
     span = conf.days * 86400
     base = spark.range(conf.n_events, numPartitions=conf.partitions).select(
@@ -80,21 +90,29 @@ def _events(spark: SparkSession, conf: SyntheticConf, users: DataFrame, items: D
         # skewed popularity on both sides, as in real logs
         F.concat(F.lit("u"), F.floor(F.pow(uniform(s, "eu", "id"), 1.4) * conf.n_users).cast("long").cast("string"))
         .alias("user_id"),
-        F.concat(F.lit("i"), F.floor(F.pow(uniform(s, "ei", "id"), 2.0) * conf.n_items).cast("long").cast("string"))
-        .alias("item_id"),
         (F.lit(T0) + F.floor(uniform(s, "ts", "id") * span)).cast("long").alias("timestamp"),
-    )
+        F.explode(F.sequence(F.lit(1), F.lit(EXPOSURE_CANDIDATES))).alias("candidate"),
+    ).withColumn(
+        "item_id", F.concat(F.lit("i"), F.floor(F.pow(uniform(s, "ei", "event_id", "candidate"), 2.0) * conf.n_items)
+                            .cast("long").cast("string")))
     u = users.select("user_id", F.col("z").alias("zu"), "phase")
-    i = items.select("item_id", F.col("z").alias("zi"), "category")
-    df = base.join(u, "user_id").join(i, "item_id")
+    i = items.select("item_id", F.col("z").alias("zi"), "category", "quality")
     d = float(conf.latent_dim)
     affinity = F.aggregate(F.zip_with("zu", "zi", lambda a, b: a * b), F.lit(0.0), lambda acc, x: acc + x) / math.sqrt(d)
+    gumbel = -F.log(-F.log(F.greatest(uniform(s, "exposure", "event_id", "candidate"), F.lit(1e-12))))
+    cands = base.join(u, "user_id").join(i, "item_id").withColumn("affinity", affinity)
+    df = (cands.groupBy("event_id")
+          .agg(F.max_by(F.struct("user_id", "item_id", "timestamp", "phase", "category", "quality", "affinity"),
+                        F.col("affinity") + gumbel).alias("e"))
+          .select("event_id", "e.*"))
     period = F.floor((F.col("timestamp") - T0 + F.col("phase")) / (TASTE_PERIOD_DAYS * 86400)).cast("long")
     pair = Window.partitionBy("user_id", "item_id").orderBy("timestamp", "event_id")
-    df = (df.withColumn("affinity", affinity)
-            .withColumn("taste", normal(s, "taste", "user_id", "category", period))
+    # a lasting user x category preference plus a part redrawn every period
+    taste = 0.8 * normal(s, "taste", "user_id", "category") + 0.6 * normal(s, "drift", "user_id", "category", period)
+    df = (df.withColumn("taste", taste)
             .withColumn("n_prev", F.count(F.lit(1)).over(pair.rowsBetween(Window.unboundedPreceding, -1))))
-    logit = -1.6 + 1.0 * F.col("affinity") + 1.3 * F.col("taste") - 0.8 * F.col("n_prev")
+    logit = (-2.2 + 1.5 * F.col("affinity") + 0.8 * F.col("quality")
+             + 1.3 * F.col("taste") - 0.8 * F.col("n_prev"))
     click = (uniform(s, "click", "event_id") < 1.0 / (1.0 + F.exp(-logit))).cast("int")
     dwell = F.exp(2.5 + 0.6 * F.col("taste") + 0.3 * F.col("affinity") + 0.5 * normal(s, "dwell", "event_id"))
     return df.select(

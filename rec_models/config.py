@@ -108,7 +108,7 @@ class SplitConf(_Section):
 
     @model_validator(mode="after")
     def _room_for_train(self) -> "SplitConf":
-        if self.valid_fraction + self.test_fraction >= 0.9:
+        if self.valid_fraction + self.test_fraction > 0.9 + 1e-9:
             raise ValueError("valid_fraction + test_fraction leaves less than 10% for training")
         return self
 
@@ -233,13 +233,15 @@ def load_config(
     }
     layers = [base] + [_layer(conf_dir / kind / f"{name}.yaml", kind) for kind, name in chosen.items()]
     layers += [_layer(Path(f), "extra") for f in files]
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key=value")
+        if item.split("=", 1)[0].strip() == "profile":
+            raise ConfigError("the profile is chosen with --profile NAME, not an override")
     try:
         dotlist = OmegaConf.from_dotlist(list(overrides))
     except (OmegaConfBaseException, ValueError) as exc:
         raise ConfigError(f"bad override in {list(overrides)}: {exc}") from exc
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override '{item}' is not of the form key=value")
     merged = OmegaConf.merge(*layers, dotlist, {"profile": chosen["profile"]})
     merged.setdefault("distill", {})
     if method and "method" not in merged.distill:

@@ -196,7 +196,8 @@ def arrow_to_tensors(data: pa.RecordBatch | pa.Table, spec: FeatureSpec, columns
         col = _column_kind(spec, name)
         arr = data.column(name)
         chunked = arr if isinstance(arr, pa.ChunkedArray) else pa.chunked_array([arr])
-        out[name] = torch.from_numpy(np.ascontiguousarray(_convert(col, chunked, "an Arrow batch")))
+        values = _convert(col, chunked, "an Arrow batch")
+        out[name] = torch.from_numpy(values if values.flags.writeable else values.copy())
     return out
 
 

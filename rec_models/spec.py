@@ -227,9 +227,14 @@ class FeatureSpec(_Strict):
         directory = os.path.dirname(os.path.abspath(path))
         os.makedirs(directory, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=directory, prefix=".spec-", suffix=".json")
-        with os.fdopen(fd, "w") as fh:
-            fh.write(self.to_json())
-        os.replace(tmp, path)
+        try:
+            with os.fdopen(fd, "w") as fh:
+                fh.write(self.to_json())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
 
     @classmethod
     def load(cls, path: str) -> "FeatureSpec":
@@ -239,9 +244,15 @@ class FeatureSpec(_Strict):
             return cls.from_json(fh.read())
 
     def resolve(self, updates: dict[str, dict]) -> "FeatureSpec":
-        """A copy with ETL's statistics filled in (``updates``: feature name -> fields)."""
-        feats = tuple(f.model_copy(update=updates.get(f.name, {})) for f in self.features)
-        return FeatureSpec(keys=self.keys, features=feats, resolved=True)
+        """A validated copy with ETL's statistics filled in (``updates``: feature -> fields)."""
+        unknown = sorted(set(updates) - {f.name for f in self.features})
+        if unknown:
+            raise KeyError(f"cannot resolve unknown feature(s): {', '.join(unknown)}")
+        data = self.model_dump()
+        for f in data["features"]:
+            f.update(updates.get(f["name"], {}))
+        data["resolved"] = True
+        return FeatureSpec.model_validate(data)
 
 
 class PrivilegedLeakError(ValueError):

@@ -161,7 +161,11 @@ def _train(job: TrainJob, cfg: Config, spec: FeatureSpec) -> dict:
         with open(os.path.join(job.out_dir, "metrics.json"), "w") as fh:
             json.dump(result, fh, indent=2)
     if world > 1:
-        dist.barrier()
+        # every process returns rank 0's result: TorchDistributor keeps whichever output
+        # file a process wrote last, not necessarily rank 0's
+        shared = [result]
+        dist.broadcast_object_list(shared, src=0)
+        result = shared[0]
     return result
 
 

@@ -1,0 +1,235 @@
+"""Layered YAML configuration: defaults, overrides, profiles, extra files and errors."""
+from __future__ import annotations
+
+import pytest
+
+from rec_models.config import BACKENDS, ConfigError, load_config
+from rec_models.spec import Kind, Role
+
+PRIVILEGED = {"ucat_clicks_7d", "ucat_ctr_7d", "ucat_dwell_7d", "uitem_impressions"}
+
+
+def _error(**kwargs) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_config(**kwargs)
+    return str(info.value)
+
+
+# ---- defaults ----------------------------------------------------------------------------
+def test_default_config_loads_synthetic_pfd_local():
+    cfg = load_config()
+    assert cfg.data.name == "synthetic"
+    assert cfg.data.source.type == "synthetic"
+    assert cfg.distill.method == "pfd"
+    assert cfg.profile == "local"
+    assert cfg.spark.master == "local[2]"
+    assert cfg.spark.conf["spark.sql.shuffle.partitions"] == 8
+    assert cfg.train.backend == "local"
+    assert cfg.train.epochs == 3
+    assert cfg.train.lr == pytest.approx(0.003)
+    assert cfg.eval.k == [10, 50]
+    assert cfg.warehouse.writer == "auto"
+
+
+def test_default_spec_has_the_privileged_features():
+    spec = load_config().spec
+    assert spec.privileged_names == frozenset(PRIVILEGED)
+    assert all(f.source == "derived" for f in spec.by_role(Role.privileged))
+    assert spec.label.name == "label"
+    assert spec.keys.user == "user_id" and spec.keys.item == "item_id"
+    assert spec.get("hist_item_ids").kind == Kind.sequence
+    assert spec.get("hist_item_ids").vocab_of == "item_id"
+    assert not spec.resolved
+    # no privileged column among the public towers' features
+    public = {f.name for f in spec.user_features + spec.item_features}
+    assert public.isdisjoint(PRIVILEGED)
+
+
+# ---- overrides ---------------------------------------------------------------------------
+def test_overrides_are_typed():
+    cfg = load_config(overrides=["train.epochs=1", "train.use_gpu=true", "eval.k=[5,20]",
+                                 "train.lr=0.01", "run.name=exp"])
+    assert cfg.train.epochs == 1 and type(cfg.train.epochs) is int
+    assert cfg.train.use_gpu is True
+    assert cfg.eval.k == [5, 20] and all(type(k) is int for k in cfg.eval.k)
+    assert cfg.train.lr == pytest.approx(0.01) and type(cfg.train.lr) is float
+    assert cfg.run.name == "exp"
+
+
+def test_override_nested_dict():
+    cfg = load_config(overrides=[
+        "data.source.type=tables",
+        "data.source.events.path=/data/events.parquet",
+        "data.source.events.columns={user_id: uid, item_id: iid}",
+    ])
+    events = cfg.data.source.events
+    assert events is not None
+    assert events.path == "/data/events.parquet"
+    assert events.format == "parquet"
+    assert events.columns == {"user_id": "uid", "item_id": "iid"}
+
+
+def test_override_null():
+    assert load_config(overrides=["spark.master=null"]).spark.master is None
+
+
+# ---- profiles and layering ---------------------------------------------------------------
+def test_databricks_profile():
+    cfg = load_config(profile="databricks")
+    assert cfg.profile == "databricks"
+    assert cfg.warehouse.writer == "spark"
+    assert cfg.warehouse.root == "dbfs:/distill_two_tower"
+    assert cfg.train.backend == "torch_distributor"
+    assert cfg.train.use_gpu is True
+    assert cfg.train.local_mode is False
+    assert cfg.spark.master is None
+    # the base layer still supplies what the profile leaves alone
+    assert cfg.train.epochs == 3
+    assert cfg.spec.privileged_names == frozenset(PRIVILEGED)
+
+
+def test_extra_file_wins_over_profile_and_loses_to_overrides(tmp_path):
+    extra = tmp_path / "extra.yaml"
+    extra.write_text(
+        "train:\n"
+        "  batch_size: 77\n"
+        "  epochs: 9\n"
+        "warehouse:\n"
+        "  writer: delta_rs\n"
+    )
+    # databricks sets batch_size 8192 and writer spark; the extra file overrides both
+    cfg = load_config(profile="databricks", files=[str(extra)], overrides=["train.epochs=2"])
+    assert cfg.train.batch_size == 77
+    assert cfg.warehouse.writer == "delta_rs"
+    assert cfg.train.epochs == 2          # the override beats the file's 9
+    assert cfg.train.backend == "torch_distributor"  # untouched profile value kept
+    # without the override the file's value is used
+    assert load_config(files=[str(extra)]).train.epochs == 9
+
+
+def test_later_extra_file_wins(tmp_path):
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    a.write_text("train: {epochs: 4, batch_size: 10}\n")
+    b.write_text("train: {epochs: 5}\n")
+    cfg = load_config(files=[str(a), str(b)])
+    assert cfg.train.epochs == 5
+    assert cfg.train.batch_size == 10
+
+
+def test_missing_extra_file(tmp_path):
+    missing = tmp_path / "nothere.yaml"
+    msg = _error(files=[str(missing)])
+    assert "extra" in msg and "nothere" in msg
+
+
+# ---- errors ------------------------------------------------------------------------------
+def test_unknown_key():
+    msg = _error(overrides=["train.bogus=1"])
+    assert "train.bogus" in msg
+    assert "unknown key" in msg
+
+
+def test_unknown_key_in_extra_file(tmp_path):
+    extra = tmp_path / "typo.yaml"
+    extra.write_text("model:\n  embeding_dim: 8\n")
+    msg = _error(files=[str(extra)])
+    assert "model.embeding_dim: unknown key" in msg
+
+
+def test_unknown_backend_lists_known_ones():
+    msg = _error(overrides=["train.backend=horovodx"])
+    assert "train.backend" in msg
+    assert "horovodx" in msg
+    for backend in BACKENDS:
+        assert backend in msg
+    assert "torch_distributor" in msg and "local" in msg
+
+
+@pytest.mark.parametrize("kind, available", [
+    ("dataset", ["synthetic"]),
+    ("method", ["pfd"]),
+    ("profile", ["databricks", "local"]),
+])
+def test_unknown_layer_name(kind, available):
+    msg = _error(**{kind: "nosuchthing"})
+    assert f"no {kind} conf 'nosuchthing'" in msg
+    assert f"{kind}/nosuchthing.yaml" in msg
+    assert "available: " + ", ".join(available) in msg
+
+
+def test_bad_int():
+    msg = _error(overrides=["train.epochs=abc"])
+    assert "train.epochs" in msg
+    assert "integer" in msg
+
+
+def test_negative_lr():
+    msg = _error(overrides=["train.lr=-1"])
+    assert "train.lr" in msg
+    assert "greater than 0" in msg
+
+
+def test_zero_epochs():
+    msg = _error(overrides=["train.epochs=0"])
+    assert "train.epochs" in msg
+
+
+def test_bad_literal():
+    msg = _error(overrides=["warehouse.writer=hdfs"])
+    assert "warehouse.writer" in msg
+
+
+def test_override_without_equals():
+    msg = _error(overrides=["train.epochs"])
+    assert "train.epochs" in msg
+    assert "key=value" in msg
+
+
+def test_split_fractions_too_large():
+    msg = _error(overrides=["data.split.valid_fraction=0.6", "data.split.test_fraction=0.35"])
+    assert "data.split" in msg
+    assert "valid_fraction + test_fraction" in msg
+    # a sane split is accepted
+    cfg = load_config(overrides=["data.split.valid_fraction=0.2", "data.split.test_fraction=0.3"])
+    assert cfg.data.split.valid_fraction == pytest.approx(0.2)
+    assert cfg.data.split.test_fraction == pytest.approx(0.3)
+
+
+def test_tables_source_needs_events():
+    msg = _error(overrides=["data.source.type=tables"])
+    assert "data.source" in msg
+    assert "data.source.events is not set" in msg
+
+
+def test_events_need_a_path():
+    msg = _error(overrides=["data.source.events.columns={user_id: uid}"])
+    assert "data.source.events.path" in msg
+
+
+def test_all_problems_reported_at_once():
+    msg = _error(overrides=["train.epochs=abc", "train.bogus=1", "train.backend=horovodx",
+                            "train.lr=-1", "data.source.type=tables"])
+    lines = [line.strip() for line in msg.splitlines()[1:]]
+    assert msg.splitlines()[0] == "invalid configuration:"
+    assert len(lines) == 5
+    assert any(line.startswith("train.epochs:") for line in lines)
+    assert "train.bogus: unknown key" in lines
+    assert any(line.startswith("train.backend:") and "horovodx" in line for line in lines)
+    assert any(line.startswith("train.lr:") for line in lines)
+    assert any(line.startswith("data.source:") for line in lines)
+
+
+def test_invalid_feature_spec_in_config_names_the_feature(tmp_path):
+    extra = tmp_path / "spec.yaml"
+    extra.write_text(
+        "data:\n"
+        "  feature_spec:\n"
+        "    features:\n"
+        "      - {name: user_id, role: user, kind: categorical, source: users}\n"
+        "      - {name: item_id, role: item, kind: categorical, source: items}\n"
+        "      - {name: hist, role: user, kind: sequence}\n"
+        "      - {name: label, role: label, kind: label}\n"
+    )
+    msg = _error(files=[str(extra)])
+    assert "data.feature_spec" in msg
+    assert "feature 'hist'" in msg
