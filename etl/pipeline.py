@@ -141,6 +141,11 @@ def retrieval_metrics(cfg: Config, tag: ModelTag) -> dict:
     return out
 
 
+def head_metrics(test: dict, head: str) -> dict:
+    """One model head's test metrics, from ``train_worker``'s evaluation dict."""
+    return {"auc": test[f"{head}_auc"], "logloss": test[f"{head}_logloss"], "rows": test["rows"]}
+
+
 def _matrix(vectors: pa.ChunkedArray) -> np.ndarray:
     flat = pc.list_flatten(vectors).to_numpy(zero_copy_only=False)
     return np.array(flat, dtype=np.float32).reshape(len(vectors), -1)  # a writable copy for torch

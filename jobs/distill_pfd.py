@@ -20,10 +20,11 @@ def body(args, cfg):
     tag = ModelTag(cfg.run.name, cfg.run.version, pipeline.new_run_id())
     pfd = pipeline.train(cfg, spec, "pfd", pipeline.run_dir(cfg, "pfd"), tag.run_id,
                          teacher_checkpoint=cfg.distill.teacher_checkpoint)
-    metrics = {"teacher": _head(pfd["test"], "teacher"), "student": _head(pfd["test"], "student")}
+    metrics = {"teacher": pipeline.head_metrics(pfd["test"], "teacher"),
+               "student": pipeline.head_metrics(pfd["test"], "student")}
     if cfg.distill.train_baseline:
         base = pipeline.train(cfg, spec, "student", pipeline.run_dir(cfg, "baseline"), tag.run_id)
-        metrics["baseline"] = _head(base["test"], "student")
+        metrics["baseline"] = pipeline.head_metrics(base["test"], "student")
     bundle = pipeline.export_student_of(pfd["checkpoint"], pipeline.run_dir(cfg, "student.pt"), tag)
     tables = pipeline.write_embeddings(spark, cfg, bundle, tag)
     metrics["student_retrieval"] = pipeline.retrieval_metrics(cfg, tag)
@@ -31,10 +32,6 @@ def body(args, cfg):
     return {"job": "distill_pfd", "run_id": tag.run_id, "model": {"name": tag.name, "version": tag.version},
             "metrics": metrics, "tables": tables, "bundle": bundle,
             "train_seconds": pfd["train_seconds"], "backend": cfg.train.backend}
-
-
-def _head(test: dict, head: str) -> dict:
-    return {"auc": test[f"{head}_auc"], "logloss": test[f"{head}_logloss"], "rows": test["rows"]}
 
 
 if __name__ == "__main__":

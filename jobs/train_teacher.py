@@ -16,7 +16,7 @@ def body(args, cfg):
     run_id = pipeline.new_run_id()
     result = pipeline.train(cfg, spec, "teacher", pipeline.run_dir(cfg, "teacher"), run_id)
     return {"job": "train_teacher", "run_id": run_id, "checkpoint": result["checkpoint"],
-            "metrics": {"teacher": result["test"]}, "train_seconds": result["train_seconds"]}
+            "metrics": {"teacher": pipeline.head_metrics(result["test"], "teacher")}, "train_seconds": result["train_seconds"]}
 
 
 if __name__ == "__main__":

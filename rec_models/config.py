@@ -243,9 +243,6 @@ def load_config(
     except (OmegaConfBaseException, ValueError) as exc:
         raise ConfigError(f"bad override in {list(overrides)}: {exc}") from exc
     merged = OmegaConf.merge(*layers, dotlist, {"profile": chosen["profile"]})
-    merged.setdefault("distill", {})
-    if method and "method" not in merged.distill:
-        merged.distill.method = chosen["method"]
     raw = OmegaConf.to_container(merged, resolve=True)
     return validate_config(raw)
 

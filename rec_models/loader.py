@@ -59,6 +59,24 @@ class _Unit:
     file: int         # index into the loader's files
     row_group: int
     num_rows: int     # rows after ``filters``
+    start: int = 0              # a slice of the row group: rows [start, stop)
+    stop: Optional[int] = None  # None: the whole row group
+
+
+# fewer row groups than this many per rank: shard by row slices instead, or ranks would
+# be badly unbalanced (or empty) on small tables written as one file
+_MIN_UNITS_PER_RANK = 4
+
+
+def _sliced(units: list[_Unit], world_size: int) -> list[_Unit]:
+    """Each row group cut into ``world_size`` contiguous slices (only read, never filtered)."""
+    out: list[_Unit] = []
+    for u in units:
+        bounds = np.linspace(0, u.num_rows, world_size + 1).astype(int)
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            if b > a:
+                out.append(_Unit(len(out), u.file, u.row_group, int(b - a), int(a), int(b)))
+    return out
 
 
 @dataclass(frozen=True)
@@ -319,6 +337,8 @@ class ArrowBatchLoader:
                     n = self._fragment(fi, rg).count_rows(filter=self._filter)
                 if n > 0:
                     units.append(_Unit(len(units), fi, rg, n))
+        if self.world_size > 1 and self._filter is None and len(units) < _MIN_UNITS_PER_RANK * self.world_size:
+            units = _sliced(units, self.world_size)
         self._units = units
 
         self._assignment = self._assign(units, self.world_size)
@@ -414,6 +434,12 @@ class ArrowBatchLoader:
                 table = pf.read_row_group(unit.row_group, columns=names, use_threads=self.use_threads)
         except (OSError, pa.ArrowException) as exc:
             raise LoaderError(f"cannot read row group {unit.row_group} of {path}: {exc}") from exc
+        if unit.stop is not None:
+            expected = self._metadata[unit.file].row_group(unit.row_group).num_rows
+            if table.num_rows != expected:
+                raise LoaderError(f"row group {unit.row_group} of {path} has {table.num_rows} rows, its "
+                                  f"footer said {expected}: was the file rewritten while training?")
+            table = table.slice(unit.start, unit.stop - unit.start)
         if table.num_rows != unit.num_rows:
             raise LoaderError(
                 f"row group {unit.row_group} of {path} has {table.num_rows} rows, its footer said "

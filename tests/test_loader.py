@@ -181,8 +181,21 @@ def test_ranks_equal_length_without_drop_last(dataset):
     assert counts == [len(loaders[0])] * 3
 
 
-def test_more_ranks_than_row_groups_is_an_error(tmp_path):
-    files, _ = write_dataset(tmp_path, sizes=((10, 10),))
+def test_fewer_row_groups_than_ranks_are_sliced_by_rows(tmp_path):
+    """A small table written as one file and row group still feeds every rank, disjointly."""
+    files, total = write_dataset(tmp_path, sizes=((21, 21),))
+    per_rank = []
+    for r in range(2):
+        loader = ArrowBatchLoader(files, SPEC, COLUMNS, batch_size=4, rank=r, world_size=2,
+                                  shuffle=False, drop_last=False)
+        per_rank.append(ids_of(list(loader)))
+    assert len(per_rank[0]) > 0 and len(per_rank[1]) > 0
+    assert not set(per_rank[0]) & set(per_rank[1])
+    assert len(set(per_rank[0]) | set(per_rank[1])) >= total - 4
+
+
+def test_ranks_with_no_data_is_an_error(tmp_path):
+    files, _ = write_dataset(tmp_path, sizes=((1, 1),))
     with pytest.raises(LoaderError, match="2 ranks"):
         ArrowBatchLoader(files, SPEC, COLUMNS, batch_size=4, rank=0, world_size=2)
 

@@ -1,0 +1,191 @@
+"""End to end on a small synthetic set: spark-submit's entry points, called in-process
+(one SparkSession), from raw events to Delta embedding tables and metrics."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from etl import delta_io
+
+pytestmark = pytest.mark.slow
+
+SMALL = [
+    "data.source.synthetic.n_users=400", "data.source.synthetic.n_items=250",
+    "data.source.synthetic.n_events=40000", "data.source.synthetic.partitions=4",
+    "train.epochs=3",
+]
+
+
+def _run_job(module, tmp, capsys, *overrides, args=()):
+    argv = list(args)
+    for item in [f"warehouse.root={tmp / 'wh'}", f"run.output_dir={tmp / 'runs'}", *SMALL, *overrides]:
+        argv += ["--set", item]
+    code = module.run(module.__doc__, module.body, getattr(module, "options", None), argv=argv)
+    out = capsys.readouterr()
+    assert code == 0, out.err[-3000:]
+    return json.loads(out.out.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def pfd_run(spark, tmp_path_factory):
+    from jobs import distill_pfd
+
+    tmp = tmp_path_factory.mktemp("e2e")
+    capsys = _Capture()
+    with capsys:
+        result = _run_job(distill_pfd, tmp, capsys)
+    return tmp, result
+
+
+class _Capture:
+    """capsys for a module-scoped fixture (pytest's own is function-scoped)."""
+
+    def __enter__(self):
+        import io
+        import sys
+
+        self._old, self._buf = sys.stdout, io.StringIO()
+        sys.stdout = self._buf
+        return self
+
+    def __exit__(self, *exc):
+        import sys
+
+        sys.stdout = self._old
+
+    def readouterr(self):
+        text = self._buf.getvalue()
+        self._buf.seek(0)
+        self._buf.truncate()
+        return type("Out", (), {"out": text, "err": ""})()
+
+
+def test_teacher_beats_baseline_and_pfd_student_is_not_worse(pfd_run):
+    _, result = pfd_run
+    m = result["metrics"]
+    assert m["teacher"]["auc"] > m["baseline"]["auc"] + 0.02, m
+    assert m["student"]["auc"] >= m["baseline"]["auc"] - 0.01, m
+    for head in ("teacher", "student", "baseline"):
+        assert 0.0 < m[head]["logloss"] < 0.69          # better than a coin
+        assert m[head]["rows"] > 1000
+
+
+def test_embedding_tables_hold_every_entity_once_and_nothing_privileged(pfd_run):
+    tmp, result = pfd_run
+    tables = result["tables"]
+    for side in ("user", "item"):
+        emb = delta_io.read_arrow(tables[f"{side}_embeddings"])
+        feats = delta_io.read_arrow(tables[f"{side}_features"], [f"{side}_key"])
+        assert set(emb.column_names) == {"id", "vector", "model_name", "model_version", "run_id", "created_at"}
+        assert emb.num_rows == feats.num_rows
+        assert sorted(emb["id"].to_pylist()) == sorted(feats[f"{side}_key"].to_pylist())
+        lengths = set(pa.compute.list_value_length(emb["vector"]).to_pylist())
+        assert lengths == {32}
+        vectors = np.stack(emb["vector"].to_numpy(zero_copy_only=False))
+        assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-4)
+        assert set(emb["run_id"].to_pylist()) == {result["run_id"]}
+        assert set(emb["model_version"].to_pylist()) == {"v1"}
+
+
+def test_retrieval_from_tables_beats_random(pfd_run):
+    _, result = pfd_run
+    r = result["metrics"]["student_retrieval"]
+    n_items = r["items"]
+    assert n_items == 250 and r["users"] > 100
+    # random top-K recall is K / n_items in expectation
+    assert r["recall@10"] > 1.5 * 10 / n_items, r
+    assert r["recall@50"] > 1.2 * 50 / n_items, r
+    assert 0 < r["ndcg@10"] <= 1
+
+
+def test_chained_jobs_rerun_replace_their_rows(pfd_run, capsys):
+    """write_embeddings reads what distill_pfd left; a rerun of the same version does not
+    duplicate rows; another version adds its own partition."""
+    from jobs import write_embeddings
+
+    tmp, first = pfd_run
+    uri = first["tables"]["user_embeddings"]
+    before = delta_io.read_arrow(uri).num_rows
+    version = delta_io.table_version(uri)
+    again = _run_job(write_embeddings, tmp, capsys)
+    assert delta_io.table_version(uri) == version + 1
+    assert delta_io.read_arrow(uri).num_rows == before
+    assert again["metrics"]["student_retrieval"]["recall@10"] == pytest.approx(
+        first["metrics"]["student_retrieval"]["recall@10"])
+    bundle = str(tmp / "runs" / "pfd_student" / "v1" / "student.pt")
+    _run_job(write_embeddings, tmp, capsys, "run.version=v2", args=["--bundle", bundle])
+    versions = delta_io.read_arrow(uri, ["model_version"])["model_version"].to_pylist()
+    assert sorted(set(versions)) == ["v1", "v2"] and len(versions) == 2 * before
+
+
+def test_teacher_job_then_distillation_from_frozen_teacher(pfd_run, capsys):
+    from jobs import distill_pfd, train_teacher
+
+    tmp, first = pfd_run
+    teacher = _run_job(train_teacher, tmp, capsys, "run.name=frozen")
+    assert teacher["metrics"]["teacher"]["auc"] > first["metrics"]["baseline"]["auc"]
+    frozen = _run_job(distill_pfd, tmp, capsys, "run.name=frozen", "distill.train_baseline=false",
+                      f"distill.teacher_checkpoint={teacher['checkpoint']}")
+    assert frozen["metrics"]["teacher"]["auc"] > first["metrics"]["baseline"]["auc"]
+    assert "baseline" not in frozen["metrics"]
+
+
+def test_torch_distributor_backend_trains_two_ranks(pfd_run, capsys):
+    """Same job, Spark's TorchDistributor with 2 gloo processes; its checkpoint loads locally."""
+    from jobs import train_teacher
+    from rec_models.train import load_trained
+
+    tmp, first = pfd_run
+    result = _run_job(train_teacher, tmp, capsys, "run.name=td", "train.backend=torch_distributor",
+                      "train.num_processes=2")
+    assert result["metrics"]["teacher"]["auc"] > first["metrics"]["baseline"]["auc"]
+    model, spec, cfg = load_trained(result["checkpoint"])
+    assert cfg.train.backend == "torch_distributor" and type(model).__name__ == "TeacherOnly"
+
+
+def test_embedding_job_reads_only_public_tower_inputs(pfd_run, monkeypatch):
+    from etl import embeddings, pipeline
+    from rec_models.config import load_config
+
+    tmp, first = pfd_run
+    cfg = load_config(overrides=[f"warehouse.root={tmp / 'wh'}", f"run.output_dir={tmp / 'runs'}", *SMALL])
+    requested = []
+    real_read = delta_io.read_table
+
+    def spy(spark, uri, columns=None, partition_filters=None):
+        requested.append(list(columns))
+        return real_read(spark, uri, columns=columns, partition_filters=partition_filters)
+
+    monkeypatch.setattr(embeddings.delta_io, "read_table", spy)
+    tag = embeddings.ModelTag("spy", "v1", "r1")
+    pipeline.write_embeddings(delta_io_spark(), cfg, first["bundle"], tag)
+    read = {c for cols in requested for c in cols}
+    assert read and not read & cfg.spec.privileged_names
+    assert "label" not in read
+
+
+def test_embedding_job_refuses_a_tower_that_reads_privileged_columns(pfd_run, monkeypatch):
+    from etl import embeddings
+    from rec_models import export
+    from rec_models.config import load_config
+    from rec_models.spec import PrivilegedLeakError
+
+    tmp, first = pfd_run
+    cfg = load_config(overrides=[f"warehouse.root={tmp / 'wh'}", *SMALL])
+    student, _, meta = export.load_student(first["bundle"])
+    full_spec = cfg.spec
+    monkeypatch.setattr(type(student), "user_input_names", property(lambda self: ["user_id", "ucat_ctr_7d"]))
+    monkeypatch.setattr(export, "load_student", lambda path: (student, full_spec, meta))
+    with pytest.raises(PrivilegedLeakError, match="ucat_ctr_7d"):
+        embeddings.write_embeddings(delta_io_spark(), cfg, first["bundle"], embeddings.ModelTag("leak", "v1", "r"))
+    assert not delta_io.read_arrow(first["tables"]["user_embeddings"], ["model_name"],
+                                   [("model_name", "=", "leak")]).num_rows
+
+
+def delta_io_spark():
+    from pyspark.sql import SparkSession
+
+    return SparkSession.getActiveSession()
