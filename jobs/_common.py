@@ -41,6 +41,8 @@ def run(description: str, body: Callable[[argparse.Namespace, Config], dict],
     """Parse, configure, run ``body``, print its result as one JSON line; return the exit code."""
     logging.basicConfig(level=os.environ.get("DTT_LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    # spark-submit merges the driver's stderr into stdout: keep the result JSON the last line
+    logging.getLogger("py4j").setLevel(logging.WARNING)
     p = parser(description)
     if extra_args:
         extra_args(p)
