@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 from rec_models.config import BACKENDS, TrainConf
@@ -28,7 +29,7 @@ def _torch_distributor(job: TrainJob, train: TrainConf) -> dict:
 
     # two processes on two cores: one torch thread each, or they fight for the cores
     if not train.num_threads and train.local_mode:
-        job.config = {**job.config, "train": {**job.config["train"], "num_threads": 1}}
+        job = dataclasses.replace(job, config={**job.config, "train": {**job.config["train"], "num_threads": 1}})
     log.info("TorchDistributor: %d processes, local_mode=%s, use_gpu=%s",
              train.num_processes, train.local_mode, train.use_gpu)
     distributor = TorchDistributor(num_processes=train.num_processes, local_mode=train.local_mode,
