@@ -10,8 +10,9 @@
       -> the resolved FeatureSpec (sizes, statistics, split times) beside the tables
 
 Statistics of event-level columns are fitted on the training split only. Each table write
-is one atomic Delta commit; the spec file is written last, so a consumer that finds it
-finds complete tables.
+is one atomic Delta commit; the spec file, written last, records the version of each
+table, and readers pin those versions: a rebuild that fails half-way leaves the previous
+spec and the table versions it names readable and consistent.
 """
 from __future__ import annotations
 
@@ -95,19 +96,22 @@ def build_features(spark: SparkSession, cfg: Config) -> BuildResult:
     for f in event_numeric:
         rows = rows.drop(f.name).withColumnRenamed(f"__enc_{f.name}", f.name)
 
+    counts = {r["split"]: r["count"] for r in rows.groupBy("split").count().collect()}
+    for split in SPLITS:
+        if not counts.get(split):
+            raise InputError(f"the {split} split is empty: too few events or distinct timestamps to split by time")
     samples = _samples(rows, user_enc, item_enc, resolved, data.unknown_ids)
     user_table = _user_table(user_enc, rows, resolved, t_test)
     uris = {name: cfg.warehouse.uri(name) for name in ("user_features", "item_features", "samples")}
     writer = cfg.warehouse.writer
-    delta_io.write_table(user_table, uris["user_features"], mode="overwrite", writer=writer)
-    delta_io.write_table(item_enc, uris["item_features"], mode="overwrite", writer=writer)
-    delta_io.write_table(samples, uris["samples"], mode="overwrite", partition_by=["split"], writer=writer)
-    counts = {r["split"]: r["count"] for r in delta_io.read_table(spark, uris["samples"], columns=["split"])
-              .groupBy("split").count().collect()}
-    for split in SPLITS:
-        if not counts.get(split):
-            raise InputError(f"the {split} split is empty: too few events or distinct timestamps to split by time")
-    resolved = resolved.model_copy(update={"split_times": {"valid": t_valid, "test": t_test}})
+    versions = {
+        "user_features": delta_io.write_table(user_table, uris["user_features"], mode="overwrite", writer=writer),
+        "item_features": delta_io.write_table(item_enc, uris["item_features"], mode="overwrite", writer=writer),
+        "samples": delta_io.write_table(samples, uris["samples"], mode="overwrite", partition_by=["split"],
+                                        writer=writer),
+    }
+    resolved = resolved.model_copy(update={"split_times": {"valid": t_valid, "test": t_test},
+                                           "table_versions": versions})
     resolved.save(cfg.warehouse.spec_path)
     cached.unpersist()
     log.info("built features: %s", counts)

@@ -105,7 +105,8 @@ def table_exists(uri: str) -> bool:
     return DeltaTable.is_deltatable(_norm_uri(uri))
 
 
-def _open(uri: str):
+def _open(uri: str, version: Optional[int] = None):
+    """The table at its latest version, or at ``version`` (a snapshot recorded earlier)."""
     from deltalake import DeltaTable
 
     uri = _norm_uri(uri)
@@ -113,7 +114,10 @@ def _open(uri: str):
         name = uri.rstrip("/").rsplit("/", 1)[-1]
         job = next((j for k, j in _PRODUCERS.items() if k in name), "the job that writes it")
         raise FileNotFoundError(f"no Delta table at {uri} (no _delta_log there): run {job} first")
-    return DeltaTable(uri)
+    try:
+        return DeltaTable(uri, version=version)
+    except Exception as exc:  # delta-rs raises its own errors for a vacuumed / unknown version
+        raise FileNotFoundError(f"Delta table {uri} has no readable version {version}: {exc}") from None
 
 
 def table_version(uri: str) -> int:
@@ -129,9 +133,10 @@ def _check_plain_files(dt, uri: str) -> None:
                                   "or run OPTIMIZE/PURGE first")
 
 
-def snapshot_files(uri: str, partition_filters: Optional[list[tuple]] = None) -> list[str]:
-    """Paths/URIs of the current snapshot's Parquet files: the torch loader reads these."""
-    dt = _open(uri)
+def snapshot_files(uri: str, partition_filters: Optional[list[tuple]] = None,
+                   version: Optional[int] = None) -> list[str]:
+    """Paths/URIs of the snapshot's Parquet files (latest, or ``version``): the loader reads these."""
+    dt = _open(uri, version)
     _check_plain_files(dt, uri)
     return dt.file_uris(file_pruning_predicate=partition_filters or None)
 
@@ -143,9 +148,9 @@ def _check_columns(columns, names: list[str], uri: str) -> None:
 
 
 def read_arrow(uri: str, columns: Optional[list[str]] = None,
-               partition_filters: Optional[list[tuple]] = None) -> pa.Table:
-    """The current snapshot as an Arrow table (small tables, tests), through delta-rs."""
-    dt = _open(uri)
+               partition_filters: Optional[list[tuple]] = None, version: Optional[int] = None) -> pa.Table:
+    """A snapshot (latest, or ``version``) as an Arrow table, through delta-rs."""
+    dt = _open(uri, version)
     _check_columns(columns, [f.name for f in dt.schema().fields], uri)
     return dt.to_pyarrow_table(columns=columns, filters=partition_filters or None)
 
@@ -157,14 +162,14 @@ def _spark_schema(dt):
 
 
 def read_table(spark, uri: str, columns: Optional[list[str]] = None,
-               partition_filters: Optional[list[tuple]] = None):
-    """The current snapshot as a Spark DataFrame, with the partition columns."""
+               partition_filters: Optional[list[tuple]] = None, version: Optional[int] = None):
+    """A snapshot (latest, or ``version``) as a Spark DataFrame, with the partition columns."""
     if has_native_delta(spark):
-        return _read_native(spark, uri, columns, partition_filters)
-    dt = _open(uri)
+        return _read_native(spark, uri, columns, partition_filters, version)
+    dt = _open(uri, version)
     schema = _spark_schema(dt)
     _check_columns(columns, schema.names, uri)
-    files = snapshot_files(uri, partition_filters)
+    files = snapshot_files(uri, partition_filters, version)
     if not files:
         df = spark.createDataFrame([], schema)
     else:   # basePath: Spark rebuilds the partition columns from the folders, typed by `schema`
@@ -175,8 +180,11 @@ def read_table(spark, uri: str, columns: Optional[list[str]] = None,
     return df.select(*columns) if columns else df
 
 
-def _read_native(spark, uri, columns, partition_filters):
-    df = spark.read.format("delta").load(uri)
+def _read_native(spark, uri, columns, partition_filters, version=None):
+    reader = spark.read.format("delta")
+    if version is not None:
+        reader = reader.option("versionAsOf", version)
+    df = reader.load(uri)
     _check_columns(columns, df.columns, uri)
     df = _where(df, partition_filters)
     return df.select(*columns) if columns else df

@@ -55,7 +55,10 @@ def write_embeddings(spark: SparkSession, cfg: Config, bundle_path: str, tag: Mo
     for side, (features_table, out_table, key, encode, inputs) in SIDES.items():
         columns = list(getattr(student, inputs))
         spec.assert_public(columns, "the embedding job")
-        source = delta_io.read_table(spark, cfg.warehouse.uri(features_table), columns=[key] + columns)
+        # the feature snapshot the model was trained on: its indices match the model's tables
+        version = (spec.table_versions or {}).get(features_table)
+        source = delta_io.read_table(spark, cfg.warehouse.uri(features_table), columns=[key] + columns,
+                                     version=version)
         encoded = encode_frame(source, payload, key, encode, columns, tag, created, cfg.eval.user_batch_size)
         uri = cfg.warehouse.uri(out_table)
         delta_io.write_table(encoded, uri, mode="overwrite", partition_by=["model_name", "model_version"],

@@ -61,9 +61,15 @@ def load_spec(cfg: Config) -> FeatureSpec:
     return spec
 
 
-def training_files(cfg: Config) -> dict[str, list[str]]:
+def pinned_version(spec: FeatureSpec, table: str) -> Optional[int]:
+    """The version of ``table`` the spec was built with (None: the latest)."""
+    return (spec.table_versions or {}).get(table)
+
+
+def training_files(cfg: Config, spec: FeatureSpec) -> dict[str, list[str]]:
     uri = cfg.warehouse.uri("samples")
-    files = {s: delta_io.snapshot_files(uri, [("split", "=", s)]) for s in ("train", "valid", "test")}
+    version = pinned_version(spec, "samples")
+    files = {s: delta_io.snapshot_files(uri, [("split", "=", s)], version) for s in ("train", "valid", "test")}
     for split, paths in files.items():
         if not paths:
             raise ValueError(f"the samples table at {uri} has no {split} rows: rerun jobs/build_features.py")
@@ -77,7 +83,7 @@ def train(cfg: Config, spec: FeatureSpec, kind: str, out_dir: str, run_id: str,
 
     os.makedirs(out_dir, exist_ok=True)
     job = TrainJob(kind=kind, config=cfg.model_dump(mode="json"), spec_json=spec.to_json(),
-                   files=training_files(cfg), out_dir=out_dir, teacher_checkpoint=teacher_checkpoint,
+                   files=training_files(cfg, spec), out_dir=out_dir, teacher_checkpoint=teacher_checkpoint,
                    tags={"run_id": run_id, "name": cfg.run.name, "version": cfg.run.version})
     log.info("training %s with backend %s", kind, cfg.train.backend)
     return run_training(job, cfg.train)
@@ -113,7 +119,7 @@ def retrieval_metrics(cfg: Config, tag: ModelTag) -> dict:
     items = delta_io.read_arrow(cfg.warehouse.uri("item_embeddings"), ["id", "vector"], part)
     users = delta_io.read_arrow(cfg.warehouse.uri("user_embeddings"), ["id", "vector"], part)
     test = delta_io.read_arrow(cfg.warehouse.uri("samples"), ["user_key", "item_key", cfg.spec.label.name],
-                               [("split", "=", "test")])
+                               [("split", "=", "test")], pinned_version(load_spec(cfg), "samples"))
     test = test.filter(pc.equal(test[cfg.spec.label.name], 1.0))
     item_pos = pc.index_in(test["item_key"], value_set=items["id"]).to_numpy(zero_copy_only=False)
     user_pos = pc.index_in(test["user_key"], value_set=users["id"]).to_numpy(zero_copy_only=False)

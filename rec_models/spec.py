@@ -135,6 +135,9 @@ class FeatureSpec(_Strict):
     features: tuple[Feature, ...]
     resolved: bool = False
     split_times: Optional[dict[str, int]] = None  # filled by ETL: first timestamp of valid / test
+    # filled by ETL: the Delta version of each table this spec was built with; readers pin
+    # these, so a rebuild that fails half-way never mixes old and new tables
+    table_versions: Optional[dict[str, int]] = None
 
     @field_validator("features")
     @classmethod

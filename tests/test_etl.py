@@ -5,6 +5,8 @@ import os
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from etl import delta_io
@@ -172,10 +174,10 @@ def _no_tables(cfg):
 
 
 @pytest.mark.parametrize("mutate, message", [
-    (lambda ev: ev.drop(columns=["clicked"]), "missing column(s) label"),
+    (lambda ev: ev.drop(columns=["clicked"]), "mapped column(s) clicked not found"),
     (lambda ev: ev.assign(uid=ev.uid.where(ev.index % 7 != 0, None)), "rows with null user_id"),
     (lambda ev: ev.assign(dwell=ev.dwell.where(ev.index % 5 != 1, -3.0)), "negative dwell_time"),
-    (lambda ev: ev.assign(dwell=np.where(ev.index % 9 == 2, np.nan, ev.dwell.fillna(1.0))), "NaN dwell_time"),
+    (lambda ev: ev.assign(dwell=np.where(ev.index % 9 == 2, np.nan, ev.dwell.fillna(1.0))), "rows with NaN dwell_time"),
     (lambda ev: ev.assign(clicked=ev.clicked * 2), "label not 0 or 1"),
     (lambda ev: ev.iloc[:0], "events table is empty"),
     (lambda ev: ev.assign(uid=ev.uid.where(ev.index != 3, "ghost")), "not in the users table"),
@@ -183,11 +185,37 @@ def _no_tables(cfg):
 ])
 def test_bad_input_is_named_and_writes_nothing(spark, tmp_path, mutate, message):
     paths, ev, *_ = _tables(tmp_path, n_events=100)
-    mutate(ev).to_parquet(paths["events"], index=False)
+    bad = mutate(ev)
+    # pandas writes NaN as null; the NaN case needs real NaN values in the file
+    keep_nan = "NaN" in message
+    pq.write_table(pa.table({c: pa.array(bad[c].to_numpy(), from_pandas=not keep_nan) for c in bad.columns}),
+                   paths["events"])
     cfg = _cfg(tmp_path, paths)
     with pytest.raises(InputError, match=message.replace("(", r"\(").replace(")", r"\)")):
         build_features(spark, cfg)
     assert _no_tables(cfg)
+
+
+def test_missing_label_column_is_named(spark, tmp_path):
+    paths, ev, *_ = _tables(tmp_path, n_events=50)
+    ev.drop(columns=["clicked"]).to_parquet(paths["events"], index=False)
+    cfg = _cfg(tmp_path, paths)
+    raw = cfg.model_dump(mode="json")
+    del raw["data"]["source"]["events"]["columns"]["label"]     # no mapping: the label is absent
+    from rec_models.config import validate_config
+    cfg = validate_config(raw)
+    with pytest.raises(InputError, match=r"missing column\(s\) label"):
+        build_features(spark, cfg)
+    assert _no_tables(cfg)
+
+
+def test_delta_source(spark, tmp_path):
+    paths, ev, *_ = _tables(tmp_path, n_events=200)
+    events_uri = str(tmp_path / "events_delta")
+    delta_io.write_table(spark.read.parquet(paths["events"]), events_uri)
+    cfg = _cfg(tmp_path, paths, [f"data.source.events.path={events_uri}", "data.source.events.format=delta"])
+    result = build_features(spark, cfg)
+    assert sum(result.counts.values()) == len(ev)
 
 
 def test_misnamed_mapped_column_is_named(spark, tmp_path):

@@ -155,9 +155,9 @@ def test_embedding_job_reads_only_public_tower_inputs(pfd_run, monkeypatch):
     requested = []
     real_read = delta_io.read_table
 
-    def spy(spark, uri, columns=None, partition_filters=None):
+    def spy(spark, uri, columns=None, partition_filters=None, version=None):
         requested.append(list(columns))
-        return real_read(spark, uri, columns=columns, partition_filters=partition_filters)
+        return real_read(spark, uri, columns=columns, partition_filters=partition_filters, version=version)
 
     monkeypatch.setattr(embeddings.delta_io, "read_table", spy)
     tag = embeddings.ModelTag("spy", "v1", "r1")
@@ -189,3 +189,30 @@ def delta_io_spark():
     from pyspark.sql import SparkSession
 
     return SparkSession.getActiveSession()
+
+
+def test_failed_rebuild_keeps_the_pinned_snapshot_readable(pfd_run, spark, monkeypatch):
+    """The spec names the table versions it was built with: a rebuild that dies after
+    rewriting some tables leaves the previous spec and its snapshot intact for training."""
+    from etl import build, pipeline
+    from rec_models.config import load_config
+
+    tmp, _ = pfd_run
+    cfg = load_config(overrides=[f"warehouse.root={tmp / 'wh'}", *SMALL])
+    spec = pipeline.load_spec(cfg)
+    before = {s: sorted(f) for s, f in pipeline.training_files(cfg, spec).items()}
+    real_write, calls = delta_io.write_table, []
+
+    def fail_on_samples(df, uri, **kw):
+        calls.append(uri)
+        if uri.endswith("samples"):
+            raise RuntimeError("executor lost")
+        return real_write(df, uri, **kw)
+
+    monkeypatch.setattr(build.delta_io, "write_table", fail_on_samples)
+    with pytest.raises(RuntimeError, match="executor lost"):
+        build.build_features(spark, cfg)
+    assert len(calls) == 3                      # user and item features were rewritten
+    still = pipeline.load_spec(cfg)
+    assert still.table_versions == spec.table_versions
+    assert {s: sorted(f) for s, f in pipeline.training_files(cfg, still).items()} == before
