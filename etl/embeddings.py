@@ -2,7 +2,9 @@
 
 Each executor loads the student bundle once (broadcast bytes), encodes Arrow batches with
 ``encode_user`` / ``encode_item`` (vectorised torch, no per-row Python) and yields
-``(id, vector, model_name, model_version, run_id, created_at)``. The tables are partitioned
+``(id, vector, score_kind, shape, model_name, model_version, run_id, created_at)``: a
+multi-vector student (ColBERT, IntTower, MVKE) stores its [*shape] tensor flattened, and
+``rec_models.scoring`` scores it by ``score_kind``. The tables are partitioned
 by (model_name, model_version): a rerun of the same version replaces its partition in one
 Delta commit, other models' rows stay. Only the tower's own input columns are selected
 from the feature tables, and those are checked against the spec's privileged set first.
@@ -25,13 +27,15 @@ log = logging.getLogger(__name__)
 EMBEDDING_SCHEMA = pa.schema([
     pa.field("id", pa.string(), nullable=False),
     pa.field("vector", pa.list_(pa.float32()), nullable=False),
+    pa.field("score_kind", pa.string(), nullable=False),
+    pa.field("shape", pa.list_(pa.int32()), nullable=False),
     pa.field("model_name", pa.string(), nullable=False),
     pa.field("model_version", pa.string(), nullable=False),
     pa.field("run_id", pa.string(), nullable=False),
     pa.field("created_at", pa.timestamp("us", tz="UTC"), nullable=False),
 ])
-SPARK_SCHEMA = ("id string, vector array<float>, model_name string, model_version string, "
-                "run_id string, created_at timestamp")
+SPARK_SCHEMA = ("id string, vector array<float>, score_kind string, shape array<int>, model_name string, "
+                "model_version string, run_id string, created_at timestamp")
 SIDES = {"user": ("user_features", "user_embeddings", "user_key", "encode_user", "user_input_names"),
          "item": ("item_features", "item_embeddings", "item_key", "encode_item", "item_input_names")}
 
@@ -78,16 +82,20 @@ def encode_frame(source: DataFrame, payload, key: str, encode: str, columns: lis
 
         student, spec = _student(payload, tag)
         tower = getattr(student, encode)
+        kind = getattr(student, "score_kind", "dot")
         for rb in batches:
             for start in range(0, rb.num_rows, batch_rows):
                 part = rb.slice(start, batch_rows)
                 with torch.no_grad():
                     vectors = tower(arrow_to_tensors(part, spec, columns)).float().numpy()
-                n, d = vectors.shape
+                n, shape = vectors.shape[0], list(vectors.shape[1:])
+                d = int(np.prod(shape))
                 flat = pa.array(np.ascontiguousarray(vectors).reshape(-1), pa.float32())
                 yield pa.RecordBatch.from_arrays([
                     part.column(key).cast(pa.string()),
                     pa.ListArray.from_arrays(pa.array(np.arange(0, (n + 1) * d, d, dtype=np.int32)), flat),
+                    pa.array([kind] * n, pa.string()),
+                    pa.array([shape] * n, pa.list_(pa.int32())),
                     pa.array([tag.name] * n, pa.string()),
                     pa.array([tag.version] * n, pa.string()),
                     pa.array([tag.run_id] * n, pa.string()),

@@ -77,16 +77,62 @@ def training_files(cfg: Config, spec: FeatureSpec) -> dict[str, list[str]]:
 
 
 def train(cfg: Config, spec: FeatureSpec, kind: str, out_dir: str, run_id: str,
-          teacher_checkpoint: Optional[str] = None) -> dict:
+          teacher_checkpoint: Optional[str] = None, teachers: Optional[dict[str, str]] = None) -> dict:
     from rec_models.backends import run_training
     from rec_models.train import TrainJob
 
     os.makedirs(out_dir, exist_ok=True)
     job = TrainJob(kind=kind, config=cfg.model_dump(mode="json"), spec_json=spec.to_json(),
                    files=training_files(cfg, spec), out_dir=out_dir, teacher_checkpoint=teacher_checkpoint,
+                   teachers=dict(teachers or {}),
                    tags={"run_id": run_id, "name": cfg.run.name, "version": cfg.run.version})
     log.info("training %s with backend %s", kind, cfg.train.backend)
     return run_training(job, cfg.train)
+
+
+def ensure_teachers(cfg: Config, spec: FeatureSpec, method: str, run_id: str) -> dict[str, str]:
+    """Checkpoint of every frozen teacher ``method`` needs: given in distill.teachers, or
+    trained now (with distill.teacher_params[name]) under the run's teachers/ folder."""
+    from rec_models.methods import get_method
+    from rec_models.train import teacher_config
+
+    paths = {}
+    for name in get_method(method).teachers:
+        if name in cfg.distill.teachers:
+            paths[name] = cfg.distill.teachers[name]
+            if not os.path.exists(paths[name]):
+                raise FileNotFoundError(f"distill.teachers.{name}: no checkpoint at {paths[name]}")
+        else:
+            result = train(teacher_config(cfg, name), spec, name, run_dir(cfg, "teachers", name), run_id)
+            paths[name] = result["checkpoint"]
+    return paths
+
+
+def run_method(spark, cfg: Config, method: str) -> dict:
+    """Features (if missing) -> teachers -> the method -> baseline -> student embeddings + metrics."""
+    from rec_models.methods import get_method
+
+    spec = ensure_features(spark, cfg)
+    tag = ModelTag(cfg.run.name, cfg.run.version, new_run_id())
+    teachers = ensure_teachers(cfg, spec, method, tag.run_id)
+    result = train(cfg, spec, method, run_dir(cfg, method), tag.run_id,
+                   teacher_checkpoint=cfg.distill.teacher_checkpoint if method == "pfd" else None,
+                   teachers=teachers)
+    heads = sorted(k[:-len("_auc")] for k in result["test"] if k.endswith("_auc"))
+    metrics = {head: head_metrics(result["test"], head) for head in heads}
+    if cfg.distill.train_baseline and get_method(method).role == "distill":
+        base = train(cfg, spec, "dssm", run_dir(cfg, "baseline"), tag.run_id)
+        metrics["baseline"] = head_metrics(base["test"], "student")
+    out = {"run_id": tag.run_id, "method": method, "model": {"name": tag.name, "version": tag.version},
+           "metrics": metrics, "tables": {t: cfg.warehouse.uri(t) for t in FEATURE_TABLES},
+           "checkpoint": result["checkpoint"], "teachers": teachers,
+           "train_seconds": result["train_seconds"], "backend": cfg.train.backend}
+    if "student" in heads:
+        bundle = export_student_of(result["checkpoint"], run_dir(cfg, "student.pt"), tag)
+        out["tables"].update(write_embeddings(spark, cfg, bundle, tag))
+        out["bundle"] = bundle
+        metrics["student_retrieval"] = retrieval_metrics(cfg, tag)
+    return out
 
 
 def export_student_of(checkpoint: str, path: str, tag: ModelTag) -> str:
@@ -116,8 +162,12 @@ def retrieval_metrics(cfg: Config, tag: ModelTag) -> dict:
     from rec_models.retrieval import top_k
 
     part = [("model_name", "=", tag.name), ("model_version", "=", tag.version)]
-    items = delta_io.read_arrow(cfg.warehouse.uri("item_embeddings"), ["id", "vector"], part)
-    users = delta_io.read_arrow(cfg.warehouse.uri("user_embeddings"), ["id", "vector"], part)
+    cols = ["id", "vector", "score_kind", "shape"]
+    items = delta_io.read_arrow(cfg.warehouse.uri("item_embeddings"), cols, part)
+    users = delta_io.read_arrow(cfg.warehouse.uri("user_embeddings"), cols, part)
+    if not items.num_rows or not users.num_rows:
+        raise ValueError(f"no embeddings for model {tag.name} version {tag.version}: run jobs/write_embeddings.py")
+    kind = users["score_kind"][0].as_py()
     test = delta_io.read_arrow(cfg.warehouse.uri("samples"), ["user_key", "item_key", cfg.spec.label.name],
                                [("split", "=", "test")], pinned_version(load_spec(cfg), "samples"))
     test = test.filter(pc.equal(test[cfg.spec.label.name], 1.0))
@@ -125,8 +175,8 @@ def retrieval_metrics(cfg: Config, tag: ModelTag) -> dict:
     user_pos = pc.index_in(test["user_key"], value_set=users["id"]).to_numpy(zero_copy_only=False)
     known = ~(np.isnan(item_pos.astype(float)) | np.isnan(user_pos.astype(float)))
     item_pos, user_pos = item_pos[known].astype(np.int64), user_pos[known].astype(np.int64)
-    item_mat = _matrix(items["vector"])
-    user_mat = _matrix(users["vector"])
+    item_mat = _matrix(items["vector"], items["shape"][0].as_py())
+    user_mat = _matrix(users["vector"], users["shape"][0].as_py())
     eval_users = np.unique(user_pos)
     ks = sorted(cfg.eval.k)
     sums = {f"{m}@{k}": 0.0 for k in ks for m in ("recall", "ndcg")}
@@ -134,7 +184,7 @@ def retrieval_metrics(cfg: Config, tag: ModelTag) -> dict:
     for start in range(0, eval_users.size, bs):
         batch_users = eval_users[start:start + bs]
         top = top_k(torch.from_numpy(user_mat[batch_users]), torch.from_numpy(item_mat), max(ks),
-                    cfg.eval.item_chunk_size).numpy()
+                    cfg.eval.item_chunk_size, score_kind=kind).numpy()
         in_batch = np.isin(user_pos, batch_users)
         rows = np.searchsorted(batch_users, user_pos[in_batch])
         positives = (rows, item_pos[in_batch])
@@ -152,6 +202,6 @@ def head_metrics(test: dict, head: str) -> dict:
     return {"auc": test[f"{head}_auc"], "logloss": test[f"{head}_logloss"], "rows": test["rows"]}
 
 
-def _matrix(vectors: pa.ChunkedArray) -> np.ndarray:
+def _matrix(vectors: pa.ChunkedArray, shape: list[int]) -> np.ndarray:
     flat = pc.list_flatten(vectors).to_numpy(zero_copy_only=False)
-    return np.array(flat, dtype=np.float32).reshape(len(vectors), -1)  # a writable copy for torch
+    return np.array(flat, dtype=np.float32).reshape(len(vectors), *shape)  # a writable copy for torch

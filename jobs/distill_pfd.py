@@ -13,25 +13,8 @@ from jobs._common import run, spark_for
 
 def body(args, cfg):
     from etl import pipeline
-    from etl.embeddings import ModelTag
 
-    spark = spark_for(cfg)
-    spec = pipeline.ensure_features(spark, cfg)
-    tag = ModelTag(cfg.run.name, cfg.run.version, pipeline.new_run_id())
-    pfd = pipeline.train(cfg, spec, "pfd", pipeline.run_dir(cfg, "pfd"), tag.run_id,
-                         teacher_checkpoint=cfg.distill.teacher_checkpoint)
-    metrics = {"teacher": pipeline.head_metrics(pfd["test"], "teacher"),
-               "student": pipeline.head_metrics(pfd["test"], "student")}
-    if cfg.distill.train_baseline:
-        base = pipeline.train(cfg, spec, "student", pipeline.run_dir(cfg, "baseline"), tag.run_id)
-        metrics["baseline"] = pipeline.head_metrics(base["test"], "student")
-    bundle = pipeline.export_student_of(pfd["checkpoint"], pipeline.run_dir(cfg, "student.pt"), tag)
-    tables = pipeline.write_embeddings(spark, cfg, bundle, tag)
-    metrics["student_retrieval"] = pipeline.retrieval_metrics(cfg, tag)
-    tables.update({t: cfg.warehouse.uri(t) for t in pipeline.FEATURE_TABLES})
-    return {"job": "distill_pfd", "run_id": tag.run_id, "model": {"name": tag.name, "version": tag.version},
-            "metrics": metrics, "tables": tables, "bundle": bundle,
-            "train_seconds": pfd["train_seconds"], "backend": cfg.train.backend}
+    return {"job": "distill_pfd", **pipeline.run_method(spark_for(cfg), cfg, "pfd")}
 
 
 if __name__ == "__main__":

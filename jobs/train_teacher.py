@@ -1,23 +1,32 @@
-"""spark-submit jobs/train_teacher.py [--set train.backend=torch_distributor ...]
+"""spark-submit jobs/train_teacher.py [--teacher pfd_teacher|cross_encoder|colbert] [--set ...]
 
-Trains the PFD ranking teacher (public + privileged features) alone, from the feature
-tables build_features wrote; its checkpoint can then be distilled with a frozen teacher:
-``jobs/distill_pfd.py --set distill.teacher_checkpoint=<printed checkpoint>``.
+Trains a teacher alone from the feature tables build_features wrote (default: the PFD
+ranking teacher on public + privileged features). Its checkpoint can then be distilled
+with the teacher frozen: ``jobs/distill_pfd.py --set distill.teacher_checkpoint=<ckpt>``,
+or ``jobs/distill.py --method trmd --set distill.teachers.cross_encoder=<ckpt>``.
 """
 import sys
 
 from jobs._common import run, spark_for
 
 
+def options(p):
+    p.add_argument("--teacher", default="pfd_teacher", help="teacher method name (default pfd_teacher)")
+
+
 def body(args, cfg):
     from etl import pipeline
+    from rec_models.train import teacher_config
 
     spec = pipeline.ensure_features(spark_for(cfg), cfg)
     run_id = pipeline.new_run_id()
-    result = pipeline.train(cfg, spec, "teacher", pipeline.run_dir(cfg, "teacher"), run_id)
-    return {"job": "train_teacher", "run_id": run_id, "checkpoint": result["checkpoint"],
-            "metrics": {"teacher": pipeline.head_metrics(result["test"], "teacher")}, "train_seconds": result["train_seconds"]}
+    tcfg = teacher_config(cfg, args.teacher)
+    result = pipeline.train(tcfg, spec, args.teacher, pipeline.run_dir(cfg, "teachers", args.teacher), run_id)
+    head = "teacher" if "teacher_auc" in result["test"] else "student"
+    return {"job": "train_teacher", "teacher": args.teacher, "run_id": run_id, "checkpoint": result["checkpoint"],
+            "metrics": {"teacher": pipeline.head_metrics(result["test"], head)},
+            "train_seconds": result["train_seconds"]}
 
 
 if __name__ == "__main__":
-    sys.exit(run(__doc__, body))
+    sys.exit(run(__doc__, body, options))

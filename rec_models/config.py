@@ -172,11 +172,23 @@ class TrainConf(_Section):
 
 class DistillConf(_Section):
     method: str = "pfd"
+    params: dict[str, Any] = Field(default_factory=dict)            # the method's own, validated by it
+    teachers: dict[str, str] = Field(default_factory=dict)          # teacher name -> trained checkpoint
+    teacher_params: dict[str, dict[str, Any]] = Field(default_factory=dict)  # teacher name -> its params
     alpha: float = Field(0.5, ge=0)          # weight of the distillation loss after warm-up
     warmup_steps: int = Field(200, ge=0)     # linear warm-up of alpha (PFD: teacher first)
     temperature: float = Field(1.0, gt=0)
     teacher_checkpoint: Optional[str] = None  # a trained teacher (frozen) instead of joint training
     train_baseline: bool = True               # also train the student without distillation
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, value: str) -> str:
+        from rec_models.methods import METHODS
+
+        if value not in METHODS:
+            raise ValueError(f"unknown distill.method '{value}'; known: {', '.join(sorted(METHODS))}")
+        return value
 
 
 class EvalConf(_Section):

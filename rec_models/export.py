@@ -7,6 +7,7 @@ uses ``torch.load(weights_only=True)``: the bundle is plain data, never pickled 
 """
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import tempfile
@@ -23,14 +24,34 @@ from rec_models.spec import FeatureSpec, PrivilegedLeakError, Role
 
 BUNDLE_FORMAT = 1
 
-# student classes a bundle may name; constructor (spec, model_conf), encode_user/encode_item
+# student classes a bundle may name: constructor (spec, model_conf[, params]),
+# encode_user / encode_item, and a ``score_kind`` of rec_models.scoring (default "dot")
 STUDENT_CLASSES: dict[str, type[nn.Module]] = {"DSSM": DSSM}
 
 
 def register_student(cls: type[nn.Module]) -> type[nn.Module]:
-    """Make another student class (constructor ``(spec, model_conf)``) exportable."""
+    """Make another student class exportable."""
     STUDENT_CLASSES[cls.__name__] = cls
     return cls
+
+
+def _register_builtin() -> None:
+    from rec_models.colbert import ColBERT
+    from rec_models.dual_encoder import TokenDualEncoder
+
+    for cls in (TokenDualEncoder, ColBERT):
+        register_student(cls)
+
+
+def _params(student: nn.Module) -> dict:
+    params = getattr(student, "params", None)
+    return params.model_dump() if params is not None else {}
+
+
+def _construct(cls, spec: FeatureSpec, conf: ModelConf, params: dict) -> nn.Module:
+    if "params" in inspect.signature(cls).parameters:
+        return cls(spec, conf, params=params)
+    return cls(spec, conf)
 
 
 def public_spec(spec: FeatureSpec) -> FeatureSpec:
@@ -65,6 +86,7 @@ def _check_public(student: nn.Module, spec: FeatureSpec, state: dict) -> None:
 
 def export_student(student: nn.Module, spec: FeatureSpec, path: str, meta: dict | None = None) -> str:
     """Write the student bundle atomically (temp file in the same folder + os.replace)."""
+    _register_builtin()
     cls = type(student).__name__
     if STUDENT_CLASSES.get(cls) is not type(student):
         raise TypeError(f"cannot export a {cls}: exportable students are {sorted(STUDENT_CLASSES)}")
@@ -75,6 +97,8 @@ def export_student(student: nn.Module, spec: FeatureSpec, path: str, meta: dict 
         "class": cls,
         "spec": public_spec(spec).to_json(),
         "model_conf": student.model_conf.model_dump(),
+        "params": _params(student),
+        "score_kind": getattr(student, "score_kind", "dot"),
         "state_dict": state,
         "meta": _json_safe(meta or {}),
     }
@@ -102,11 +126,12 @@ def load_student(path, map_location: str | torch.device = "cpu") -> tuple[nn.Mod
     bundle = torch.load(path, map_location=map_location, weights_only=True)
     if bundle.get("format") != BUNDLE_FORMAT:
         raise ValueError(f"{path}: unknown bundle format {bundle.get('format')!r} (expected {BUNDLE_FORMAT})")
+    _register_builtin()
     cls = STUDENT_CLASSES.get(bundle["class"])
     if cls is None:
         raise ValueError(f"{path}: student class {bundle['class']!r} is not registered ({sorted(STUDENT_CLASSES)})")
     spec = FeatureSpec.from_json(bundle["spec"])
-    student = cls(spec, ModelConf(**bundle["model_conf"]))
+    student = _construct(cls, spec, ModelConf(**bundle["model_conf"]), bundle.get("params", {}))
     student.load_state_dict(bundle["state_dict"], strict=True)
     student.eval()
     return student, spec, bundle["meta"]

@@ -238,3 +238,16 @@ class TeacherOnly(nn.Module):
         loss = bce(outputs["teacher"], label, weight)
         value = loss.item()
         return loss, {"loss": value, "loss_teacher": value}
+
+
+# ---- builders for rec_models.methods -------------------------------------------------------
+def build_student_only(spec: FeatureSpec, cfg, teachers) -> StudentOnly:
+    return StudentOnly(spec, cfg.model)
+
+
+def build_teacher_only(spec: FeatureSpec, cfg, teachers) -> TeacherOnly:
+    return TeacherOnly(spec, cfg.model)
+
+
+def build_pfd(spec: FeatureSpec, cfg, teachers) -> PFDModel:
+    return PFDModel(spec, cfg.model, cfg.distill)

@@ -30,34 +30,47 @@ from rec_models.spec import FeatureSpec
 
 log = logging.getLogger(__name__)
 
-MODEL_KINDS = ("pfd", "student", "teacher")
-
-
 @dataclass
 class TrainJob:
-    """Everything a worker needs, picklable (sent to TorchDistributor processes)."""
+    """Everything a worker needs, picklable (sent to TorchDistributor processes).
+
+    ``kind``: a method name of ``rec_models.methods``; ``teachers``: checkpoint of each
+    frozen teacher the method needs; ``teacher_checkpoint``: PFD distilling from a
+    pre-trained PFD teacher instead of joint training.
+    """
     kind: str
     config: dict
     spec_json: str
     files: dict[str, list[str]]
     out_dir: str
     teacher_checkpoint: Optional[str] = None
+    teachers: dict[str, str] = field(default_factory=dict)
     tags: dict = field(default_factory=dict)
 
 
-def build_model(kind: str, spec: FeatureSpec, cfg: Config, teacher_checkpoint: Optional[str] = None) -> nn.Module:
-    from rec_models.pfd import PFDModel, StudentOnly, TeacherOnly
+def build_model(kind: str, spec: FeatureSpec, cfg: Config, teacher_checkpoint: Optional[str] = None,
+                teachers: Optional[dict[str, nn.Module]] = None) -> nn.Module:
+    """The method ``kind``, with its frozen ``teachers`` (name -> trained model)."""
+    from rec_models.methods import get_method
 
-    if kind == "pfd":
-        model = PFDModel(spec, cfg.model, cfg.distill, teacher_frozen=teacher_checkpoint is not None)
-        if teacher_checkpoint:
-            model.load_teacher(load_checkpoint(teacher_checkpoint)["model"])
+    if kind == "pfd" and teacher_checkpoint:
+        from rec_models.pfd import PFDModel
+
+        model = PFDModel(spec, cfg.model, cfg.distill, teacher_frozen=True)
+        model.load_teacher(load_checkpoint(teacher_checkpoint)["model"])
         return model
-    if kind == "student":
-        return StudentOnly(spec, cfg.model)
-    if kind == "teacher":
-        return TeacherOnly(spec, cfg.model)
-    raise ValueError(f"unknown model kind '{kind}'; known: {', '.join(MODEL_KINDS)}")
+    return get_method(kind).build(spec, cfg, teachers or {})
+
+
+def load_teachers(paths: dict[str, str]) -> dict[str, nn.Module]:
+    """Trained teachers from their checkpoints, frozen and in eval mode."""
+    out = {}
+    for name, path in paths.items():
+        model = load_trained(path)[0]
+        for p in model.parameters():
+            p.requires_grad_(False)
+        out[name] = model.eval()
+    return out
 
 
 class _LossModule(nn.Module):
@@ -107,7 +120,7 @@ def _train(job: TrainJob, cfg: Config, spec: FeatureSpec) -> dict:
     torch.manual_seed(cfg.run.seed)
     np.random.seed(cfg.run.seed)
 
-    model = build_model(job.kind, spec, cfg, job.teacher_checkpoint).to(device)
+    model = build_model(job.kind, spec, cfg, job.teacher_checkpoint, load_teachers(job.teachers)).to(device)
     columns = model_columns(spec)
     loader = ArrowBatchLoader(job.files["train"], spec, columns, tc.batch_size, rank=rank, world_size=world,
                               shuffle=True, seed=cfg.run.seed, shuffle_buffer_rows=tc.shuffle_buffer_rows,
@@ -244,10 +257,21 @@ def load_checkpoint(path: str) -> dict:
 
 def load_trained(path: str) -> tuple[nn.Module, FeatureSpec, Config]:
     """Rebuild a model from its checkpoint (works whichever backend wrote it)."""
+    from rec_models.methods import get_method
+
     ckpt = load_checkpoint(path)
     cfg = validate_config(ckpt["config"])
     spec = FeatureSpec.from_json(ckpt["spec_json"])
-    model = build_model(ckpt["kind"], spec, cfg)
+    # frozen teachers are submodules: rebuild their structure, the state dict fills them
+    teachers = {t: get_method(t).build(spec, teacher_config(cfg, t), {}) for t in get_method(ckpt["kind"]).teachers}
+    model = build_model(ckpt["kind"], spec, cfg, teachers=teachers)
     model.load_state_dict(ckpt["model"])
     model.eval()
     return model, spec, cfg
+
+
+def teacher_config(cfg: Config, teacher: str) -> Config:
+    """The config a teacher is trained with: this run's, with the teacher's own params."""
+    raw = cfg.model_dump(mode="json")
+    raw["distill"] = {**raw["distill"], "method": teacher, "params": cfg.distill.teacher_params.get(teacher, {})}
+    return validate_config(raw)

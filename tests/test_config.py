@@ -145,12 +145,16 @@ def test_unknown_backend_lists_known_ones():
     assert "torch_distributor" in msg and "local" in msg
 
 
-@pytest.mark.parametrize("kind, available", [
+@pytest.mark.parametrize("kind, must_list", [
     ("dataset", ["synthetic"]),
-    ("method", ["pfd"]),
+    ("method", ["pfd", "dssm"]),
     ("profile", ["databricks", "local"]),
 ])
-def test_unknown_layer_name(kind, available):
+def test_unknown_layer_name(kind, must_list):
+    from rec_models.config import CONF_DIR
+
+    available = sorted(p.stem for p in (CONF_DIR / kind).glob("*.yaml"))
+    assert set(must_list) <= set(available)
     msg = _error(**{kind: "nosuchthing"})
     assert f"no {kind} conf 'nosuchthing'" in msg
     assert f"{kind}/nosuchthing.yaml" in msg

@@ -79,7 +79,9 @@ def test_embedding_tables_hold_every_entity_once_and_nothing_privileged(pfd_run)
     for side in ("user", "item"):
         emb = delta_io.read_arrow(tables[f"{side}_embeddings"])
         feats = delta_io.read_arrow(tables[f"{side}_features"], [f"{side}_key"])
-        assert set(emb.column_names) == {"id", "vector", "model_name", "model_version", "run_id", "created_at"}
+        assert set(emb.column_names) == {"id", "vector", "score_kind", "shape", "model_name", "model_version",
+                                         "run_id", "created_at"}
+        assert set(emb["score_kind"].to_pylist()) == {"dot"} and emb["shape"][0].as_py() == [32]
         assert emb.num_rows == feats.num_rows
         assert sorted(emb["id"].to_pylist()) == sorted(feats[f"{side}_key"].to_pylist())
         lengths = set(pa.compute.list_value_length(emb["vector"]).to_pylist())

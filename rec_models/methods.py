@@ -1,0 +1,70 @@
+"""Every trainable method by name: what it is, which frozen teachers it needs, how to build it.
+
+A built model exposes ``forward(batch) -> {head: logit}`` (heads "teacher", "student"),
+``training_loss(batch, step) -> (loss, logs)`` and, when it has a servable student,
+``.student`` with ``encode_user`` / ``encode_item`` / ``score_kind``. Builders take
+``(spec, cfg, teachers)``, ``teachers`` mapping each name in ``Method.teachers`` to its
+trained model (frozen by the caller). Method hyper-parameters come from
+``distill.params`` (conf/method/<name>.yaml) and are validated by the method's module.
+
+Module imports are lazy: listing methods (config validation) needs no torch.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+
+ROLES = ("baseline", "teacher", "interaction", "distill")
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    role: str
+    target: str                        # "module:callable(spec, cfg, teachers) -> nn.Module"
+    teachers: tuple[str, ...] = field(default_factory=tuple)
+    doc: str = ""
+
+    def build(self, spec, cfg, teachers: dict | None = None):
+        module, fn = self.target.split(":")
+        missing = [t for t in self.teachers if t not in (teachers or {})]
+        if missing:
+            raise ValueError(f"method '{self.name}' needs trained teacher(s): {', '.join(missing)}")
+        return getattr(importlib.import_module(module), fn)(spec, cfg, teachers or {})
+
+
+METHODS: dict[str, Method] = {m.name: m for m in (
+    Method("dssm", "baseline", "rec_models.pfd:build_student_only", doc="DSSM two-tower, BCE"),
+    Method("pfd_teacher", "teacher", "rec_models.pfd:build_teacher_only",
+           doc="ranking teacher on public + privileged features"),
+    Method("pfd", "distill", "rec_models.pfd:build_pfd", doc="PFD: joint teacher + student, soft labels"),
+    Method("cross_encoder", "teacher", "rec_models.cross_encoder:build",
+           doc="transformer over user and item field tokens"),
+    Method("colbert", "interaction", "rec_models.colbert:build", doc="ColBERT late interaction"),
+    Method("youtube_dnn", "baseline", "rec_models.youtube_dnn:build",
+           doc="YouTubeDNN: history pooling, in-batch sampled softmax"),
+    Method("inttower", "interaction", "rec_models.inttower:build",
+           doc="IntTower: FE-block, light-SE, CIR contrastive loss"),
+    Method("mvke", "interaction", "rec_models.mvke:build", doc="MVKE: virtual-kernel experts, tag attention"),
+    Method("endx", "distill", "rec_models.endx:build", ("cross_encoder",),
+           doc="ENDX: geometry alignment of in-batch distributions"),
+    Method("trmd", "distill", "rec_models.trmd:build", ("cross_encoder", "colbert"),
+           doc="TRMD: two frozen teachers, two student heads"),
+    Method("virt", "distill", "rec_models.virt:build", ("cross_encoder",),
+           doc="VIRT: L2 on attention, attention-weighted pooling"),
+    Method("distilled_dual_encoder", "distill", "rec_models.distilled_dual_encoder:build", ("cross_encoder",),
+           doc="Distilled-DualEncoder: KL on attention + soft labels"),
+    Method("ernie_search", "distill", "rec_models.ernie_search:build", ("cross_encoder",),
+           doc="ERNIE-Search: cross-encoder -> late interaction -> dual encoder cascade"),
+)}
+
+
+def register(method: Method) -> Method:
+    METHODS[method.name] = method
+    return method
+
+
+def get_method(name: str) -> Method:
+    if name not in METHODS:
+        raise ValueError(f"unknown method '{name}'; known: {', '.join(sorted(METHODS))}")
+    return METHODS[name]
