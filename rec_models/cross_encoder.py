@@ -7,8 +7,9 @@
 Every user token attends to every item token, which a two-tower model cannot do; this is
 the "interaction" teacher that TRMD (CLS score), VIRT and Distilled-DualEncoder (its
 user -> item attention block) and ERNIE-Search (the first stage of the cascade) distil.
-With ``include_privileged`` it also reads the privileged fields (a stronger teacher,
-as in PFD); by default it sees exactly what the student sees, minus the tower split.
+With ``include_privileged`` (the default) it also reads the privileged fields, as the PFD
+teacher does: offline-only signals plus full interaction make the strongest teacher;
+without them it sees exactly what the student sees, minus the tower split.
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ class CrossEncoderParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
     layers: int = Field(2, ge=1)
     heads: int = Field(2, ge=1)
-    include_privileged: bool = False
+    include_privileged: bool = True
 
 
 @dataclass
