@@ -39,6 +39,11 @@ class ColBERT(TokenDualEncoder):
         # one projection for both sides: token vectors live in one space
         self.token_proj = nn.Linear(dim, model_conf.output_dim)
         self.n_user_tokens = len(self.tokens.user_names)
+        # the pooled-vector parts of the parent are unused here; frozen so DDP does not wait on them
+        for module in (self.user_proj, self.item_proj):
+            module.requires_grad_(False)
+        self.user_query.requires_grad_(False)
+        self.item_query.requires_grad_(False)
 
     def user_token_vectors(self, states: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.token_proj(states), dim=-1)

@@ -56,6 +56,9 @@ class TokenDualEncoder(nn.Module):
         self.item_proj = nn.Linear(dim, model_conf.output_dim)
         self.log_scale = nn.Parameter(torch.tensor(math.log(8.0)))
         self.bias = nn.Parameter(torch.zeros(()))
+        if self.params.pooling == "mean":   # unused: DDP requires a gradient for every trainable one
+            self.user_query.requires_grad_(False)
+            self.item_query.requires_grad_(False)
 
     @property
     def user_input_names(self) -> list[str]:

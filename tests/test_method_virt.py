@@ -1,0 +1,276 @@
+"""VIRT: attention L2 loss, the model around a frozen cross-encoder, export, a short training run."""
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+
+from rec_models.config import ConfigError, load_config
+from rec_models.cross_encoder import CrossEncoder
+from rec_models.dual_encoder import TokenDualEncoder
+from rec_models.export import export_student, load_student
+from rec_models.methods import get_method
+from rec_models.metrics import auc
+from rec_models.scoring import score_all, score_pairs
+from rec_models.train import TrainJob, load_trained, save_checkpoint
+from rec_models.virt import VIRTModel, VIRTParams, attention_l2, build
+
+try:
+    from tests.test_models import SIZES, Recording, make_batch
+except ImportError:  # plain `pytest`: tests/ itself is on sys.path
+    from test_models import SIZES, Recording, make_batch
+
+METHOD = "virt"
+SMALL = ["model.embedding_dim=8", "model.output_dim=8", "model.tower_dims=[16]", "model.teacher_dims=[16]"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    return load_config(method=METHOD, overrides=SMALL)
+
+
+@pytest.fixture(scope="module")
+def spec(cfg):
+    return cfg.spec.resolve(SIZES)
+
+
+def interaction_batch(spec, n: int, seed: int) -> dict[str, torch.Tensor]:
+    """Random features; clicks from a user-region x item-category affinity (needs both sides)."""
+    batch = make_batch(spec, n, seed)
+    g = torch.Generator().manual_seed(2024)
+    affinity = 3.0 * torch.randn(SIZES["region"]["vocab_size"], SIZES["category"]["vocab_size"], generator=g)
+    logit = affinity[batch["region"].long(), batch["category"].long()]
+    # the privileged user x category CTR reflects the same affinity (the cross-encoder teacher reads it)
+    batch["ucat_ctr_7d"] = logit / 3.0 + 0.3 * torch.randn(n, generator=torch.Generator().manual_seed(seed + 2))
+    batch["label"] = torch.bernoulli(torch.sigmoid(logit), generator=torch.Generator().manual_seed(seed + 1))
+    return batch
+
+
+@pytest.fixture(scope="module")
+def teacher(spec, cfg):
+    """A cross-encoder trained a little on the interaction data, then frozen."""
+    torch.manual_seed(0)
+    model = CrossEncoder(spec, cfg.model)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for step in range(60):
+        loss, _ = model.training_loss(interaction_batch(spec, 128, seed=step), step)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.eval()
+
+
+@pytest.fixture
+def model(spec, cfg, teacher) -> VIRTModel:
+    torch.manual_seed(1)
+    return build(spec, cfg, {"cross_encoder": copy.deepcopy(teacher)})
+
+
+def _attention(shape, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.softmax(torch.randn(*shape, generator=g) * 2, dim=-1)
+
+
+# ---- the loss ----------------------------------------------------------------------------
+def test_attention_l2_zero_iff_equal():
+    a, b = _attention((4, 5, 4), 0), _attention((4, 5, 4), 1)
+    assert attention_l2(a, a.clone()).item() == 0.0
+    assert attention_l2(a, b).item() > 1e-3
+    # one differing sample is enough to make it positive
+    c = a.clone()
+    c[2] = b[2]
+    assert attention_l2(c, a).item() > 0
+
+
+def test_attention_l2_matches_brute_force():
+    s, t = _attention((3, 5, 4), 2), _attention((3, 5, 4), 3)
+    w = torch.tensor([1.0, 2.0, 0.5])
+    per = []
+    for b in range(3):
+        total = 0.0
+        for a in range(5):
+            for c in range(4):
+                total += (s[b, a, c].item() - t[b, a, c].item()) ** 2
+        per.append(total)
+    assert attention_l2(s, t).item() == pytest.approx(sum(per) / 3, rel=1e-5)
+    expected_w = sum(p * wi for p, wi in zip(per, w.tolist())) / w.sum().item()
+    assert attention_l2(s, t, w).item() == pytest.approx(expected_w, rel=1e-5)
+
+
+def test_attention_l2_gradient_reaches_student_not_teacher():
+    logits = torch.randn(3, 5, 4, requires_grad=True)
+    teacher = _attention((3, 5, 4), 4).requires_grad_(True)
+    attention_l2(torch.softmax(logits, -1), teacher).backward()
+    assert logits.grad is not None and logits.grad.abs().sum() > 0
+    assert teacher.grad is None
+
+
+# ---- the model ---------------------------------------------------------------------------
+def test_heads_shapes_and_student_kind(model, spec, cfg, teacher):
+    batch = make_batch(spec, 6)
+    with torch.no_grad():
+        out = model(batch)
+        assert set(out) == {"student", "teacher"}
+        assert out["student"].shape == out["teacher"].shape == (6,)
+        assert torch.allclose(out["teacher"], teacher.outputs(batch).logit)
+        u, v = model.student.encode_user(batch), model.student.encode_item(batch)
+    assert type(model.student) is TokenDualEncoder and model.student.score_kind == "dot"
+    assert model.student.params.pooling == "attention"  # VIRT's attention-weighted representation
+    assert u.shape == v.shape == (6, cfg.model.output_dim)
+    assert torch.allclose(u.norm(dim=-1), torch.ones(6), atol=1e-5)
+    hu, hv = model.student.user_states(batch), model.student.item_states(batch)
+    attn = TokenDualEncoder.virtual_attention(hu, hv)
+    assert attn.shape == teacher.outputs(batch).attention.shape == (6, len(spec.user_features), len(spec.item_features))
+
+
+def test_towers_run_on_side_only_batches(model, spec):
+    full = make_batch(spec, 5)
+    user_names, item_names = {f.name for f in spec.user_features}, {f.name for f in spec.item_features}
+    with torch.no_grad():
+        u = model.student.encode_user({k: full[k] for k in user_names})
+        v = model.student.encode_item({k: full[k] for k in item_names})
+        assert torch.equal(u, model.student.encode_user(full)) and torch.equal(v, model.student.encode_item(full))
+        rec = Recording(full)
+        model.student.encode_user(rec)
+        assert rec.read == user_names
+        rec = Recording(full)
+        model.student(rec)
+        assert rec.read == user_names | item_names  # never privileged, never the label
+    assert set(model.student.user_input_names) == user_names
+    assert set(model.student.item_input_names) == item_names
+    spec.assert_public(model.student.user_input_names + model.student.item_input_names, "test")
+
+
+def test_stored_embeddings_score_like_forward(model, spec):
+    model.eval()
+    batch = make_batch(spec, 16, seed=3)
+    st = model.student
+    with torch.no_grad():
+        u, v = st.encode_user(batch), st.encode_item(batch)
+        logit = model(batch)["student"]
+        stored = score_pairs(st.score_kind, u, v)
+        assert torch.allclose(st.log_scale.exp() * stored + st.bias, logit, atol=1e-5)
+        assert torch.equal(torch.argsort(stored, descending=True), torch.argsort(logit, descending=True))
+        # every item for user 0: stored-table scoring ranks as the forward pass does
+        pairs = {k: (t[:1].expand(16, *t.shape[1:]) if k in st.user_input_names else t) for k, t in batch.items()}
+        by_logit = model(pairs)["student"]
+        by_table = score_all(st.score_kind, u, v)[0]
+        assert torch.equal(torch.argsort(by_table, descending=True), torch.argsort(by_logit, descending=True))
+        assert torch.allclose(torch.diagonal(score_all(st.score_kind, u, v)), stored, atol=1e-6)
+
+
+def test_builder_validates_params_and_teacher(spec, cfg, teacher):
+    bad = cfg.model_copy(update={"distill": cfg.distill.model_copy(update={"params": {"attn_wieght": 1.0}})})
+    with pytest.raises(ConfigError, match="attn_wieght"):
+        build(spec, bad, {"cross_encoder": copy.deepcopy(teacher)})
+    neg = cfg.model_copy(update={"distill": cfg.distill.model_copy(update={"params": {"attn_weight": -1.0}})})
+    with pytest.raises(ConfigError, match="attn_weight"):
+        build(spec, neg, {"cross_encoder": copy.deepcopy(teacher)})
+    with pytest.raises(ValueError, match="cross_encoder"):
+        get_method(METHOD).build(spec, cfg, {})
+    with pytest.raises(TypeError, match="CrossEncoder"):
+        build(spec, cfg, {"cross_encoder": TokenDualEncoder(spec, cfg.model)})
+
+
+def test_method_conf_lists_every_param_with_its_default(cfg):
+    assert cfg.distill.method == METHOD and cfg.run.name == METHOD
+    assert cfg.distill.params == VIRTParams().model_dump()
+
+
+def test_teacher_stays_frozen_and_loss_terms(model, spec):
+    model.train()
+    assert model.student.training and not model.teacher.training
+    assert all(not p.requires_grad for p in model.teacher.parameters())
+    batch = interaction_batch(spec, 32, seed=7)
+    loss, logs = model.training_loss(batch, step=0)
+    assert logs["loss_attn"] > 0
+    assert math.isclose(logs["loss"], logs["loss_student"] + model.params.attn_weight * logs["loss_attn"], rel_tol=1e-5)
+    loss.backward()
+    assert all(p.grad is None for p in model.teacher.parameters())
+    # every trainable parameter gets a gradient (DistributedDataParallel requires it)
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing, missing
+    assert model.student.user_encoder.layers[0].attn.in_proj_weight.grad.abs().sum() > 0
+
+
+def test_attention_term_trains_the_towers(model, spec):
+    """The attention loss alone reaches the tower encoders (it is what carries the teacher's interaction)."""
+    batch = make_batch(spec, 16, seed=8)
+    hu, hv = model.student.user_states(batch), model.student.item_states(batch)
+    attention_l2(TokenDualEncoder.virtual_attention(hu, hv), model.teacher_outputs(batch).attention).backward()
+    assert model.student.user_encoder.layers[0].ff[0].weight.grad.abs().sum() > 0
+    assert model.student.item_encoder.layers[0].ff[0].weight.grad.abs().sum() > 0
+    assert model.student.user_proj.weight.grad is None  # the pooled vectors play no part
+
+
+def test_export_and_reload_give_identical_encodings(model, spec, tmp_path):
+    model.training_loss(interaction_batch(spec, 16, seed=9), 0)[0].backward()
+    student = model.student.eval()
+    path = export_student(student, spec, str(tmp_path / "virt.pt"), meta={"method": METHOD})
+    loaded, loaded_spec, meta = load_student(path)
+    assert type(loaded) is TokenDualEncoder and loaded.params == student.params and meta["method"] == METHOD
+    bundle = torch.load(path, weights_only=True)
+    assert not any("teacher" in k for k in bundle["state_dict"]) and bundle["score_kind"] == "dot"
+    batch = make_batch(spec, 10, seed=5)
+    with torch.no_grad():
+        assert torch.equal(loaded.encode_user(batch), student.encode_user(batch))
+        assert torch.equal(loaded.encode_item(batch), student.encode_item(batch))
+        assert torch.equal(loaded(batch), student(batch))
+
+
+def test_checkpoint_reloads_with_its_teacher(model, spec, cfg, tmp_path):
+    """train.load_trained rebuilds the teacher as a submodule and refills it from the checkpoint."""
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    loss, _ = model.training_loss(interaction_batch(spec, 32, seed=10), 0)
+    loss.backward()
+    opt.step()
+    job = TrainJob(kind=METHOD, config=cfg.model_dump(mode="json"), spec_json=spec.to_json(), files={},
+                   out_dir=str(tmp_path))
+    path = str(tmp_path / "last.pt")
+    save_checkpoint(path, model, opt, 0, 1, job)
+    loaded, _, _ = load_trained(path)
+    assert isinstance(loaded, VIRTModel)
+    assert all(not p.requires_grad for p in loaded.teacher.parameters())
+    batch = make_batch(spec, 12, seed=11)
+    model.eval()
+    with torch.no_grad():
+        a, b = model(batch), loaded(batch)
+    assert torch.equal(a["student"], b["student"]) and torch.equal(a["teacher"], b["teacher"])
+
+
+def test_short_training_lowers_the_loss(model, spec):
+    torch.manual_seed(3)
+    held_out = interaction_batch(spec, 512, seed=99_999)
+    model.eval()
+    with torch.no_grad():
+        _, before = model.training_loss(held_out, 0)
+    teacher_state = copy.deepcopy(model.teacher.state_dict())
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    for step in range(150):
+        loss, _ = model.training_loss(interaction_batch(spec, 128, seed=step), step)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        _, after = model.training_loss(held_out, 150)
+        student_auc = auc(held_out["label"].numpy(), model(held_out)["student"].numpy())
+    assert after["loss"] < 0.7 * before["loss"], (before, after)
+    # below chance level (ln 2): the towers learnt the user x item interaction, not just a scale
+    assert after["loss_student"] < 0.62 and student_auc > 0.75, (before, after, student_auc)
+    assert after["loss_attn"] < before["loss_attn"], (before, after)
+    for k, v in model.teacher.state_dict().items():
+        assert torch.equal(v, teacher_state[k]), k
