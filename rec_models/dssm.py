@@ -33,6 +33,8 @@ class DSSM(nn.Module):
     """Two towers over the public user and item fields; ``encode_user``/``encode_item`` give
     the L2-normalised vectors that the embedding job stores."""
 
+    score_kind = "dot"
+
     def __init__(self, spec: FeatureSpec, model_conf: ModelConf, embeddings: Optional[FieldEmbeddings] = None):
         super().__init__()
         self.spec = spec

@@ -38,8 +38,13 @@ def register_student(cls: type[nn.Module]) -> type[nn.Module]:
 def _register_builtin() -> None:
     from rec_models.colbert import ColBERT
     from rec_models.dual_encoder import TokenDualEncoder
+    from rec_models.inttower import IntTower
+    from rec_models.mvke import MVKE
+    from rec_models.youtube_dnn import YouTubeDNN
+    from rec_models.endx import ENDXStudent
+    from rec_models.trmd import TRMDStudent
 
-    for cls in (TokenDualEncoder, ColBERT):
+    for cls in (TokenDualEncoder, ColBERT, YouTubeDNN, IntTower, MVKE, ENDXStudent, TRMDStudent):
         register_student(cls)
 
 

@@ -57,3 +57,46 @@ def linear_warmup(step: int, warmup_steps: int, alpha: float) -> float:
     if warmup_steps <= 0:
         return float(alpha)
     return float(alpha) * min(1.0, max(0, step) / warmup_steps)
+
+
+def in_batch_candidates(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The distinct candidates among a batch's rows, by id: (first, inverse, counts).
+
+    ``first[c]``: the first row holding candidate c; ``inverse[r]``: row r's candidate;
+    ``counts[c]``: how many rows hold c. Rows of one id are one candidate, so an item shown
+    twice in a batch is never its own negative. Give rows that must stay apart (unknown ids)
+    distinct ids, e.g. negative ones.
+    """
+    uniq, inverse, counts = torch.unique(ids, return_inverse=True, return_counts=True)
+    rows = torch.arange(ids.shape[0], device=ids.device)
+    first = torch.full((uniq.shape[0],), ids.shape[0], dtype=rows.dtype, device=ids.device)
+    first = first.scatter_reduce(0, inverse, rows, reduce="amin")
+    return first, inverse, counts
+
+
+def in_batch_softmax(
+    query: torch.Tensor,
+    candidates: torch.Tensor,
+    target: torch.Tensor,
+    temperature: float = 1.0,
+    log_q: Optional[torch.Tensor] = None,
+    weight: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Sampled softmax over in-batch candidates, with the logQ correction (Yi et al.,
+    "Sampling-Bias-Corrected Neural Modeling for Large Corpus Item Recommendations",
+    RecSys 2019); without ``log_q`` it is InfoNCE.
+
+    z_ij = <q_i, c_j> / T - log Q_j                 q: [P, D], c: [C, D], Q: [C]
+    L = mean_w[ -log softmax_j(z_i)[target_i] ]
+
+    Popular items are negatives of many queries; subtracting log Q_j (their sampling
+    probability, e.g. in-batch frequency) removes that bias. With no query (P = 0) the loss
+    is 0, still connected to both inputs (zero gradients, so DDP sees every parameter).
+    """
+    if query.shape[0] == 0:
+        return (query.sum() + candidates.sum()) * 0.0
+    logits = query @ candidates.T / float(temperature)
+    if log_q is not None:
+        logits = logits - log_q.to(logits.dtype)
+    loss = F.cross_entropy(logits, target, reduction="none")
+    return _weighted_mean(loss, weight)

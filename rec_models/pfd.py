@@ -195,12 +195,13 @@ class PFDModel(nn.Module):
 
 
 class StudentOnly(nn.Module):
-    """Baseline: the same DSSM student trained on labels only (no teacher)."""
+    """Baseline: the same DSSM student trained on labels only (no teacher); or ``student``,
+    any other servable student trained with BCE alone (MVKE)."""
 
-    def __init__(self, spec: FeatureSpec, model_conf: ModelConf):
+    def __init__(self, spec: FeatureSpec, model_conf: ModelConf, student: Optional[nn.Module] = None):
         super().__init__()
         self.spec = spec
-        self.student = DSSM(spec, model_conf)
+        self.student = DSSM(spec, model_conf) if student is None else student
 
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
         return {"student": self.student(batch)}
