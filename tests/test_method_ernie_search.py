@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from rec_models.colbert import ColBERT
-from rec_models.config import ConfigError, load_config
+from rec_models.config import ConfigError
 from rec_models.cross_encoder import CrossEncoder
 from rec_models.dual_encoder import TokenDualEncoder
 from rec_models.export import export_student, load_student
@@ -26,53 +26,11 @@ except ImportError:  # plain `pytest`: tests/ itself is on sys.path
     from test_models import SIZES, Recording, make_batch
 
 METHOD = "ernie_search"
-SMALL = ["model.embedding_dim=8", "model.output_dim=8", "model.tower_dims=[16]", "model.teacher_dims=[16]"]
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def cfg():
-    return load_config(method=METHOD, overrides=SMALL)
-
-
-@pytest.fixture(scope="module")
-def spec(cfg):
-    return cfg.spec.resolve(SIZES)
-
-
-def interaction_batch(spec, n: int, seed: int) -> dict[str, torch.Tensor]:
-    """Random features; clicks from a user-region x item-category affinity (needs both sides)."""
-    batch = make_batch(spec, n, seed)
-    g = torch.Generator().manual_seed(2024)
-    affinity = 3.0 * torch.randn(SIZES["region"]["vocab_size"], SIZES["category"]["vocab_size"], generator=g)
-    logit = affinity[batch["region"].long(), batch["category"].long()]
-    # the privileged user x category CTR reflects the same affinity (the cross-encoder teacher reads it)
-    batch["ucat_ctr_7d"] = logit / 3.0 + 0.3 * torch.randn(n, generator=torch.Generator().manual_seed(seed + 2))
-    batch["label"] = torch.bernoulli(torch.sigmoid(logit), generator=torch.Generator().manual_seed(seed + 1))
-    return batch
-
-
-@pytest.fixture(scope="module")
-def teacher(spec, cfg):
-    """A cross-encoder trained a little on the interaction data, then frozen."""
-    torch.manual_seed(0)
-    model = CrossEncoder(spec, cfg.model)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for step in range(60):
-        loss, _ = model.training_loss(interaction_batch(spec, 128, seed=step), step)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model.eval()
+try:
+    from tests.cross_teacher_fixtures import SMALL, cfg, interaction_batch, one_thread, spec, teacher  # noqa: F401
+except ImportError:  # plain `pytest`: tests/ itself is on sys.path
+    from cross_teacher_fixtures import SMALL, cfg, interaction_batch, one_thread, spec, teacher  # noqa: F401
 
 
 @pytest.fixture
