@@ -23,6 +23,7 @@ from torch import nn
 from rec_models.config import ModelConf
 from rec_models.dual_encoder import TokenDualEncoder
 from rec_models.losses import bce
+from rec_models.pfd import label_and_weight
 from rec_models.scoring import score_pairs
 from rec_models.tokens import PublicTokens
 
@@ -81,7 +82,8 @@ class ColBERTModel(nn.Module):
         return {"student": self.student(batch)}
 
     def training_loss(self, batch: Batch, step: int):
-        loss = bce(self(batch)["student"], batch[self.spec.label.name])
+        label, weight = label_and_weight(self.spec, batch)
+        loss = bce(self(batch)["student"], label, weight)
         return loss, {"loss": loss.item()}
 
 

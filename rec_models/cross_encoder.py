@@ -23,6 +23,7 @@ from torch import nn
 from rec_models.config import ModelConf
 from rec_models.embeddings import FieldEmbeddings
 from rec_models.losses import bce
+from rec_models.pfd import label_and_weight
 from rec_models.spec import Role
 from rec_models.tokens import PublicTokens, TokenEncoder
 from rec_models.towers import MLP
@@ -77,7 +78,8 @@ class CrossEncoder(nn.Module):
         return {"teacher": self.outputs(batch).logit}
 
     def training_loss(self, batch: Batch, step: int):
-        loss = bce(self(batch)["teacher"], batch[self.spec.label.name])
+        label, weight = label_and_weight(self.spec, batch)
+        loss = bce(self(batch)["teacher"], label, weight)
         return loss, {"loss": loss.item()}
 
 

@@ -27,7 +27,7 @@ from torch import nn
 
 from rec_models.config import ModelConf
 from rec_models.losses import bce, in_batch_candidates, in_batch_softmax
-from rec_models.pfd import _label_weight
+from rec_models.pfd import label_and_weight
 from rec_models.scoring import score_pairs
 from rec_models.tokens import PublicTokens
 from rec_models.towers import MLP
@@ -144,7 +144,7 @@ class IntTowerModel(nn.Module):
     def training_loss(self, batch: Batch, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         """L = BCE(logit, y) + cir_weight * InfoNCE(h_L, h_v) over the positive pairs."""
         s, p = self.student, self.student.params
-        label, weight = _label_weight(self.spec, batch)
+        label, weight = label_and_weight(self.spec, batch)
         u, u_final = s.user_parts(batch)
         v, v_final = s.item_parts(batch)
         loss_bce = bce(s.score(u, v), label, weight)

@@ -38,7 +38,7 @@ from rec_models.towers import MLP
 Batch = Mapping[str, torch.Tensor]
 
 
-def _label_weight(spec: FeatureSpec, batch: Batch) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+def label_and_weight(spec: FeatureSpec, batch: Batch) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     label = batch[spec.label.name]
     weight = batch[spec.weight.name] if spec.weight is not None else None
     return label, weight
@@ -175,7 +175,7 @@ class PFDModel(nn.Module):
     def loss_from_outputs(self, outputs: dict[str, torch.Tensor], batch: Batch, step: int):
         """The loss of ``training_loss`` from ``forward``'s outputs (call the DDP-wrapped
         module's forward, then this on the unwrapped module)."""
-        label, weight = _label_weight(self.spec, batch)
+        label, weight = label_and_weight(self.spec, batch)
         student, teacher = outputs["student"], outputs["teacher"]
         loss_student = bce(student, label, weight)
         loss_distill = soft_label_distillation(student, teacher, self.distill_conf.temperature, weight)
@@ -211,7 +211,7 @@ class StudentOnly(nn.Module):
         return self.loss_from_outputs(self(batch), batch, step)
 
     def loss_from_outputs(self, outputs: dict[str, torch.Tensor], batch: Batch, step: int):
-        label, weight = _label_weight(self.spec, batch)
+        label, weight = label_and_weight(self.spec, batch)
         loss = bce(outputs["student"], label, weight)
         value = loss.item()
         return loss, {"loss": value, "loss_student": value}
@@ -235,7 +235,7 @@ class TeacherOnly(nn.Module):
         return self.loss_from_outputs(self(batch), batch, step)
 
     def loss_from_outputs(self, outputs: dict[str, torch.Tensor], batch: Batch, step: int):
-        label, weight = _label_weight(self.spec, batch)
+        label, weight = label_and_weight(self.spec, batch)
         loss = bce(outputs["teacher"], label, weight)
         value = loss.item()
         return loss, {"loss": value, "loss_teacher": value}

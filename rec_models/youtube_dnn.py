@@ -44,7 +44,7 @@ from torch import nn
 from rec_models.config import ModelConf
 from rec_models.dssm import DSSM
 from rec_models.losses import bce, in_batch_candidates, in_batch_softmax
-from rec_models.pfd import _label_weight
+from rec_models.pfd import label_and_weight
 from rec_models.spec import FIRST_INDEX, FeatureSpec, Kind
 
 Batch = Mapping[str, torch.Tensor]
@@ -126,7 +126,7 @@ class YouTubeDNNModel(nn.Module):
     def training_loss(self, batch: Batch, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         """L = L_softmax(positives vs in-batch items, logQ) + calibration_weight * L_cal."""
         s, p = self.student, self.student.params
-        label, weight = _label_weight(self.spec, batch)
+        label, weight = label_and_weight(self.spec, batch)
         u, v = s.encode_user(batch), s.encode_item(batch)
         dot = (u * v).sum(-1).detach()
         s.update_calibration(dot, label, weight)
