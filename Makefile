@@ -5,7 +5,7 @@ export PYSPARK_PYTHON := $(abspath $(PY))
 export PYSPARK_DRIVER_PYTHON := $(abspath $(PY))
 PYTEST_ARGS ?=
 
-.PHONY: venv run test test-fast bench clean
+.PHONY: venv run test test-fast bench clean horovod test-petastorm
 
 venv: $(VENV)/.installed
 
@@ -26,6 +26,15 @@ test: venv
 
 test-fast: venv
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+# The petastorm lane: .venv-petastorm (setup.py's petastorm extra: pyspark 3.5, pyarrow
+# 14.0.2), reused while its pins are unchanged, then the loader and training tests there
+test-petastorm:
+	bash .ci/lane_petastorm.sh
+
+# Horovod for train.backend=horovod: a patched wheel, built once and cached
+horovod: venv
+	scripts/install_horovod.sh $(PY)
 
 bench: venv
 	$(PY) benchmarks/bench_loader_and_training.py

@@ -28,7 +28,7 @@ from etl.encoders import build_vocab, encode_categorical, encode_multi, encode_n
 from etl.point_in_time import add_history, add_privileged, history_as_of
 from etl.randomness import uniform
 from etl.sources import InputError, load_sources
-from etl.validation import DWELL, check_unknown_ids, validate_inputs
+from etl.validation import DWELL, check_unknown_ids, group_columns, validate_inputs, value_columns
 from rec_models.config import Config
 from rec_models.spec import OOV_INDEX, Feature, FeatureSpec, Kind, Role
 
@@ -56,7 +56,7 @@ def build_features(spark: SparkSession, cfg: Config) -> BuildResult:
     stats: dict[str, dict] = {}
     user_enc = _encode_entity(events, users, spec, Role.user, "users", stats)
     item_enc = _encode_entity(events, items, spec, Role.item, "items", stats)
-    group_cols = sorted({f.group_by for f in spec.features if f.derive and f.derive.startswith("user_category")})
+    group_cols = group_columns(spec)
     item_groups = items.select(F.col(spec.keys.item).alias("item_key"),
                                *[F.col(g).cast("string").alias(f"__group_{g}") for g in group_cols]) if group_cols else None
 
@@ -76,8 +76,7 @@ def build_features(spark: SparkSession, cfg: Config) -> BuildResult:
         rows = rows.join(item_groups, "item_key", "left")
     cached = rows = rows.cache()
 
-    prior_ctr = _train_ctr(rows, label)
-    rows = add_privileged(rows, spec, label, {g: f"__group_{g}" for g in group_cols}, prior_ctr)
+    rows = add_privileged(rows, spec, label, {g: f"__group_{g}" for g in group_cols})
     for f in spec.features:
         if f.kind == Kind.sequence:
             rows = add_history(rows, f, spec.keys.timestamp, label, "__item_idx", data.history_lookback)
@@ -127,6 +126,7 @@ def _event_rows(events: DataFrame, spec: FeatureSpec, implicit: bool) -> DataFra
     cols += [F.col(f.name) for f in spec.features if f.source == "events" and f.kind in (Kind.categorical, Kind.numeric)]
     if spec.weight is not None:
         cols.append(F.col(spec.weight.name))
+    cols += [F.col(c).cast("double").alias(c) for c in value_columns(spec)]
     return events.select(*cols)
 
 
@@ -149,11 +149,6 @@ def _sample_negatives(rows: DataFrame, item_enc: DataFrame, cfg: Config) -> Data
 def _split_times(rows: DataFrame, valid_fraction: float, test_fraction: float) -> tuple[int, int]:
     q = rows.where("is_event").approxQuantile("timestamp", [1 - valid_fraction - test_fraction, 1 - test_fraction], 1e-4)
     return int(q[0]), int(q[1])
-
-
-def _train_ctr(rows: DataFrame, label: str) -> float:
-    r = rows.where((F.col("split") == "train") & F.col("is_event")).agg(F.avg(label)).first()[0]
-    return float(r) if r is not None else 0.0
 
 
 def _encode_entity(events: DataFrame, table: Optional[DataFrame], spec: FeatureSpec, role: Role,

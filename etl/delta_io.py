@@ -264,6 +264,11 @@ def _write_native(df, uri, mode, partition_by, replace_partitions, commit_metada
     return int(history["version"])
 
 
+def _is_string_view(t: pa.DataType) -> bool:
+    """pyarrow < 16 (the petastorm lane's 14) has no string_view type at all."""
+    return getattr(pa.types, "is_string_view", lambda _: False)(t)
+
+
 def _nullable(t: pa.DataType) -> pa.DataType:
     if pa.types.is_list(t) or pa.types.is_large_list(t):
         return pa.list_(pa.field("element", _nullable(t.value_type)))
@@ -271,16 +276,21 @@ def _nullable(t: pa.DataType) -> pa.DataType:
         return pa.struct([pa.field(f.name, _nullable(f.type)) for f in t])
     if pa.types.is_map(t):
         return pa.map_(t.key_type, _nullable(t.item_type))
-    if pa.types.is_large_string(t) or pa.types.is_string_view(t):
+    if pa.types.is_large_string(t) or _is_string_view(t):
         return pa.string()
     return t
 
 
 def arrow_schema(spark_schema) -> pa.Schema:
     """The table's Arrow schema. Timestamps are UTC and every field is nullable."""
+    import inspect
+
     from pyspark.sql.pandas.types import to_arrow_schema
 
-    s = to_arrow_schema(spark_schema, timezone="UTC")
+    # pyspark 4 asks for the zone; pyspark 3.5 (the petastorm lane) has no such argument
+    # and always writes timestamps as UTC
+    kwargs = {"timezone": "UTC"} if "timezone" in inspect.signature(to_arrow_schema).parameters else {}
+    s = to_arrow_schema(spark_schema, **kwargs)
     return pa.schema([pa.field(f.name, _nullable(f.type)) for f in s])
 
 

@@ -1,7 +1,7 @@
 """The workflow the jobs chain, as library calls a notebook can make too.
 
     ensure_features -> train (teacher | pfd | student) -> export student -> write_embeddings
-    -> retrieval_metrics
+    -> retrieval_metrics (etl.evaluation; jobs/evaluate.py for the full evaluation)
 
 Runs are laid out by name and version, so that separately scheduled jobs find each
 other's outputs: ``{run.output_dir}/{run.name}/{run.version}/{teacher,pfd,baseline}/`` and
@@ -13,10 +13,6 @@ import logging
 import os
 import uuid
 from typing import Optional
-
-import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 
 from etl import delta_io
 from etl.embeddings import ModelTag
@@ -81,13 +77,29 @@ def train(cfg: Config, spec: FeatureSpec, kind: str, out_dir: str, run_id: str,
     from rec_models.backends import run_training
     from rec_models.train import TrainJob
 
+    check_training_env(cfg)
     os.makedirs(out_dir, exist_ok=True)
     job = TrainJob(kind=kind, config=cfg.model_dump(mode="json"), spec_json=spec.to_json(),
                    files=training_files(cfg, spec), out_dir=out_dir, teacher_checkpoint=teacher_checkpoint,
                    teachers=dict(teachers or {}),
                    tags={"run_id": run_id, "name": cfg.run.name, "version": cfg.run.version})
-    log.info("training %s with backend %s", kind, cfg.train.backend)
+    log.info("training %s with backend %s, loader %s", kind, cfg.train.backend, cfg.train.loader)
+    if cfg.train.loader == "petastorm":
+        from rec_models.petastorm_loader import petastorm_job
+
+        with petastorm_job(job, cfg, spec) as converted:   # the converter's cache is deleted after
+            return run_training(converted, cfg.train)
     return run_training(job, cfg.train)
+
+
+def check_training_env(cfg: Config) -> None:
+    """Fail before any ETL or training if this environment cannot train with ``cfg`` (e.g.
+    train.loader=petastorm beside pyspark 4): a job should not build tables first."""
+    from rec_models.backends import check_backend_available
+    from rec_models.loader_factory import check_loader_available
+
+    check_loader_available(cfg.train)
+    check_backend_available(cfg.train)   # train.backend=horovod without Horovod installed
 
 
 def ensure_teachers(cfg: Config, spec: FeatureSpec, method: str, run_id: str) -> dict[str, str]:
@@ -112,6 +124,7 @@ def run_method(spark, cfg: Config, method: str) -> dict:
     """Features (if missing) -> teachers -> the method -> baseline -> student embeddings + metrics."""
     from rec_models.methods import get_method
 
+    check_training_env(cfg)
     spec = ensure_features(spark, cfg)
     tag = ModelTag(cfg.run.name, cfg.run.version, new_run_id())
     teachers = ensure_teachers(cfg, spec, method, tag.run_id)
@@ -152,56 +165,13 @@ def write_embeddings(spark, cfg: Config, bundle: str, tag: ModelTag) -> dict[str
 
 
 def retrieval_metrics(cfg: Config, tag: ModelTag) -> dict:
-    """Recall@K and NDCG@K of the embedding tables against the test split's clicks.
+    """Recall@K, NDCG@K and coverage@K of the embedding tables against the test split's
+    clicks, items seen in train/valid excluded: ``etl.evaluation``'s, the one implementation."""
+    from etl.evaluation import retrieval_metrics as _retrieval
 
-    Exact top-K over the whole item table, users in batches (bounded memory).
-    """
-    import torch
-
-    from rec_models.metrics import ndcg_at_k, recall_at_k
-    from rec_models.retrieval import top_k
-
-    part = [("model_name", "=", tag.name), ("model_version", "=", tag.version)]
-    cols = ["id", "vector", "score_kind", "shape"]
-    items = delta_io.read_arrow(cfg.warehouse.uri("item_embeddings"), cols, part)
-    users = delta_io.read_arrow(cfg.warehouse.uri("user_embeddings"), cols, part)
-    if not items.num_rows or not users.num_rows:
-        raise ValueError(f"no embeddings for model {tag.name} version {tag.version}: run jobs/write_embeddings.py")
-    kind = users["score_kind"][0].as_py()
-    test = delta_io.read_arrow(cfg.warehouse.uri("samples"), ["user_key", "item_key", cfg.spec.label.name],
-                               [("split", "=", "test")], pinned_version(load_spec(cfg), "samples"))
-    test = test.filter(pc.equal(test[cfg.spec.label.name], 1.0))
-    item_pos = pc.index_in(test["item_key"], value_set=items["id"]).to_numpy(zero_copy_only=False)
-    user_pos = pc.index_in(test["user_key"], value_set=users["id"]).to_numpy(zero_copy_only=False)
-    known = ~(np.isnan(item_pos.astype(float)) | np.isnan(user_pos.astype(float)))
-    item_pos, user_pos = item_pos[known].astype(np.int64), user_pos[known].astype(np.int64)
-    item_mat = _matrix(items["vector"], items["shape"][0].as_py())
-    user_mat = _matrix(users["vector"], users["shape"][0].as_py())
-    eval_users = np.unique(user_pos)
-    ks = sorted(cfg.eval.k)
-    sums = {f"{m}@{k}": 0.0 for k in ks for m in ("recall", "ndcg")}
-    bs = cfg.eval.user_batch_size
-    for start in range(0, eval_users.size, bs):
-        batch_users = eval_users[start:start + bs]
-        top = top_k(torch.from_numpy(user_mat[batch_users]), torch.from_numpy(item_mat), max(ks),
-                    cfg.eval.item_chunk_size, score_kind=kind).numpy()
-        in_batch = np.isin(user_pos, batch_users)
-        rows = np.searchsorted(batch_users, user_pos[in_batch])
-        positives = (rows, item_pos[in_batch])
-        for k in ks:
-            sums[f"recall@{k}"] += recall_at_k(top, positives, k) * batch_users.size
-            sums[f"ndcg@{k}"] += ndcg_at_k(top, positives, k) * batch_users.size
-    n = max(1, eval_users.size)
-    out = {k: v / n for k, v in sums.items()}
-    out.update({"users": int(eval_users.size), "items": int(item_mat.shape[0])})
-    return out
+    return _retrieval(cfg, tag.name, tag.version)
 
 
 def head_metrics(test: dict, head: str) -> dict:
     """One model head's test metrics, from ``train_worker``'s evaluation dict."""
     return {"auc": test[f"{head}_auc"], "logloss": test[f"{head}_logloss"], "rows": test["rows"]}
-
-
-def _matrix(vectors: pa.ChunkedArray, shape: list[int]) -> np.ndarray:
-    flat = pc.list_flatten(vectors).to_numpy(zero_copy_only=False)
-    return np.array(flat, dtype=np.float32).reshape(len(vectors), *shape)  # a writable copy for torch

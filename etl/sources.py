@@ -1,6 +1,7 @@
 """Raw inputs: events, users and items from the synthetic generator or from tables.
 
-Tables come as Parquet, CSV or Delta with a column mapping in conf
+Tables come as Parquet, CSV, Delta or MovieLens files (GroupLens' or RecBole's formats,
+see :mod:`etl.movielens`) with a column mapping in conf
 (``columns: {canonical_name: source_column}``); ids may be strings or integers and are
 carried as strings from here on. The canonical event columns are ``user_id``, ``item_id``,
 ``timestamp`` (seconds, or a timestamp type), ``label`` (absent for implicit feedback)
@@ -14,7 +15,7 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from rec_models.config import DataConf, TableSource
+from rec_models.config import DataConf, LabelFrom, TableSource
 
 
 class InputError(ValueError):
@@ -30,6 +31,8 @@ def load_sources(spark: SparkSession, data: DataConf) -> tuple[DataFrame, Option
 
         return generate(spark, src.synthetic)
     events = read_source(spark, src.events, "events")
+    if src.label_from is not None:
+        events = label_from_rating(events, src.label_from, data.feature_spec.label.name)
     users = read_source(spark, src.users, "users") if src.users else None
     items = read_source(spark, src.items, "items") if src.items else None
     events = _canonical_keys(events, "events", (keys.user, keys.item), timestamp=keys.timestamp)
@@ -45,6 +48,13 @@ def read_source(spark: SparkSession, source: TableSource, table: str) -> DataFra
         from etl.delta_io import read_table
 
         df = read_table(spark, source.path)
+    elif source.format in ("recbole", "movielens_100k", "movielens_1m"):
+        from etl.movielens import MovieLensFormatError, read_movielens
+
+        try:
+            df = read_movielens(spark, source.path, source.format, table)
+        except MovieLensFormatError as exc:
+            raise InputError(str(exc)) from None
     else:
         reader = spark.read.options(**{k: str(v) for k, v in source.options.items()})
         if source.format == "csv":
@@ -62,7 +72,28 @@ def read_source(spark: SparkSession, source: TableSource, table: str) -> DataFra
     for canonical, column in source.columns.items():
         if canonical != column:
             df = df.withColumnRenamed(column, canonical)
+    for column, dtype in source.casts.items():
+        if column not in df.columns:
+            raise InputError(f"{table} table at {source.path}: cast of missing column '{column}'; "
+                             f"it has: {', '.join(df.columns)}")
+        # try_cast: a value that does not parse becomes null (counted by validation), not a crash
+        df = df.withColumn(column, F.expr(f"try_cast(`{column}` AS {dtype})"))
     return df
+
+
+def label_from_rating(events: DataFrame, conf: LabelFrom, label: str) -> DataFrame:
+    """Binary ``label`` from an explicit-feedback column (ratings), after dropping values."""
+    if conf.column not in events.columns:
+        raise InputError(f"data.source.label_from.column: events have no column '{conf.column}'; "
+                         f"they have: {', '.join(events.columns)}")
+    if not isinstance(events.schema[conf.column].dataType, T.NumericType):
+        raise InputError(f"events.{conf.column} must be numeric to derive the label, "
+                         f"got {events.schema[conf.column].dataType.simpleString()}")
+    value = F.col(conf.column).cast("double")
+    if conf.drop_values:
+        events = events.where(value.isNull() | ~value.isin(*[float(v) for v in conf.drop_values]))
+    # a null rating stays a null label, which validation names
+    return events.withColumn(label, F.when(value.isNotNull(), (value >= conf.positive_min).cast("int")))
 
 
 def _canonical_keys(df: DataFrame, table: str, ids: tuple[str, ...], timestamp: Optional[str] = None) -> DataFrame:

@@ -27,7 +27,17 @@ def required_event_columns(spec: FeatureSpec, implicit: bool) -> list[str]:
         cols.append(spec.label.name)
     if needs_dwell(spec):
         cols.append(DWELL)
-    return cols
+    return cols + [c for c in value_columns(spec) if c not in cols]
+
+
+def value_columns(spec: FeatureSpec) -> list[str]:
+    """Event columns that derived mean statistics average (e.g. the rating)."""
+    return sorted({f.value_column for f in spec.features if f.value_column})
+
+
+def group_columns(spec: FeatureSpec) -> list[str]:
+    """Item columns that derived user x group statistics group by."""
+    return sorted({f.group_column for f in spec.features if f.group_column})
 
 
 def entity_columns(spec: FeatureSpec, source: str) -> list[str]:
@@ -47,8 +57,7 @@ def validate_inputs(events: DataFrame, users: Optional[DataFrame], items: Option
                                  f"but data.source.{table} is not configured")
         else:
             _require(df, table, wanted)
-    group_cols = {f.group_by for f in spec.features if f.derive and f.derive.startswith("user_category")}
-    for g in group_cols:
+    for g in group_columns(spec):
         if items is None or g not in items.columns:
             raise InputError(f"derived user x '{g}' statistics need an items table with column '{g}'")
     _check_event_values(events, spec, implicit)
@@ -85,6 +94,12 @@ def _check_event_values(events: DataFrame, spec: FeatureSpec, implicit: bool) ->
         dwell = F.col(DWELL).cast("double")
         checks[f"negative {DWELL}"] = dwell < 0
         checks[f"NaN {DWELL}"] = F.isnan(dwell)
+    for column in value_columns(spec):
+        if not isinstance(events.schema[column].dataType, T.NumericType):
+            raise InputError(f"events.{column} must be numeric (derived statistics average it), "
+                             f"got {events.schema[column].dataType.simpleString()}")
+        checks[f"null {column}"] = F.col(column).isNull()
+        checks[f"NaN {column}"] = F.isnan(F.col(column).cast("double"))
     row = events.agg(F.count(F.lit(1)).alias("rows"),
                      *[F.sum(F.when(cond, 1).otherwise(0)).alias(f"c{i}") for i, cond in enumerate(checks.values())]
                      ).first()

@@ -18,6 +18,7 @@ def body(args, cfg):
     from etl import pipeline
     from rec_models.train import teacher_config
 
+    pipeline.check_training_env(cfg)
     spec = pipeline.ensure_features(spark_for(cfg), cfg)
     run_id = pipeline.new_run_id()
     tcfg = teacher_config(cfg, args.teacher)

@@ -17,8 +17,8 @@ from rec_models.spec import FeatureSpec
 
 CONF_DIR = Path(os.environ.get("DTT_CONF_DIR", Path(__file__).resolve().parents[1] / "conf"))
 
-BACKENDS = ("local", "torch_distributor")
-LOADERS = ("arrow",)
+BACKENDS = ("local", "torch_distributor", "horovod")
+LOADERS = ("arrow", "petastorm")   # petastorm: only in an env like the petastorm lane (pyspark 3.5)
 
 
 class ConfigError(ValueError):
@@ -42,6 +42,7 @@ class TablesConf(_Section):
     samples: str = "samples"
     user_embeddings: str = "user_embeddings"
     item_embeddings: str = "item_embeddings"
+    metrics: str = "metrics"
 
 
 class WarehouseConf(_Section):
@@ -82,9 +83,19 @@ class SyntheticConf(_Section):
 
 class TableSource(_Section):
     path: str
-    format: Literal["parquet", "csv", "delta"] = "parquet"
+    # recbole: RecBole atomic files; movielens_100k / movielens_1m: GroupLens' own files
+    # (u.data, u.user, u.item / ratings.dat, users.dat, movies.dat), see etl/movielens.py
+    format: Literal["parquet", "csv", "delta", "recbole", "movielens_100k", "movielens_1m"] = "parquet"
     columns: dict[str, str] = Field(default_factory=dict)   # canonical name -> source column
     options: dict[str, Any] = Field(default_factory=dict)  # reader options (csv sep, header...)
+    casts: dict[str, str] = Field(default_factory=dict)    # column -> Spark type, after mapping
+
+
+class LabelFrom(_Section):
+    """A binary label from an explicit-feedback column: ``column >= positive_min``."""
+    column: str = "rating"
+    positive_min: float = 4.0
+    drop_values: list[float] = Field(default_factory=list)  # events dropped first (e.g. neutral 3s)
 
 
 class SourceConf(_Section):
@@ -94,11 +105,14 @@ class SourceConf(_Section):
     users: Optional[TableSource] = None
     items: Optional[TableSource] = None
     implicit: bool = False        # no label column: events are positives, negatives sampled
+    label_from: Optional[LabelFrom] = None  # derive the label from a rating column
 
     @model_validator(mode="after")
     def _tables_given(self) -> "SourceConf":
         if self.type == "tables" and self.events is None:
             raise ValueError("data.source.type is 'tables' but data.source.events is not set")
+        if self.implicit and self.label_from is not None:
+            raise ValueError("data.source.implicit and data.source.label_from exclude each other")
         return self
 
 
@@ -151,6 +165,10 @@ class TrainConf(_Section):
     weight_decay: float = Field(0.0, ge=0)
     shuffle_buffer_rows: int = Field(200_000, ge=1)
     prefetch_batches: int = Field(4, ge=0)
+    # train.loader=petastorm: the converter's cache (default: <run dir>/petastorm_cache; on a
+    # cluster, a folder every executor sees, e.g. file:/dbfs/...) and reader threads per process
+    petastorm_cache_dir: Optional[str] = None
+    petastorm_workers: int = Field(2, ge=1)
     num_threads: int = Field(0, ge=0)   # torch intra-op threads per process; 0 = leave default
     log_every: int = Field(100, ge=1)
     early_stopping_patience: int = Field(0, ge=0)  # epochs without valid AUC gain; 0 = off
@@ -192,9 +210,17 @@ class DistillConf(_Section):
 
 
 class EvalConf(_Section):
-    k: list[int] = Field(default_factory=lambda: [10, 50])
+    k: list[int] = Field(default_factory=lambda: [10, 50, 100])
     user_batch_size: int = Field(4096, ge=1)
     item_chunk_size: int = Field(262_144, ge=1)
+
+    @field_validator("k")
+    @classmethod
+    def _positive_ks(cls, value: list[int]) -> list[int]:
+        bad = [k for k in value if k <= 0]
+        if not value or bad:
+            raise ValueError(f"eval.k needs at least one K and every K >= 1, got {value}")
+        return sorted(set(value))
 
 
 class Config(_Section):

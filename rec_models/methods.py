@@ -40,6 +40,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("pfd", "distill", "rec_models.pfd:build_pfd", doc="PFD: joint teacher + student, soft labels"),
     Method("cross_encoder", "teacher", "rec_models.cross_encoder:build",
            doc="transformer over user and item field tokens"),
+    Method("dcn", "teacher", "rec_models.dcn:build",
+           doc="DCN: vector cross layers and a deep MLP over all field tokens"),
     Method("colbert", "interaction", "rec_models.colbert:build", doc="ColBERT late interaction"),
     Method("youtube_dnn", "baseline", "rec_models.youtube_dnn:build",
            doc="YouTubeDNN: history pooling, in-batch sampled softmax"),

@@ -52,7 +52,16 @@ PRIVILEGED_DERIVATIONS = (
     "user_category_ctr",         # smoothed CTR of the user in the item's category
     "user_category_mean_dwell",  # user's mean dwell (log seconds) in the item's category
     "user_item_impressions",     # times the user was shown this item before
+    # explicit feedback (e.g. ratings): statistics of ``value_column`` over past events
+    "user_group_count",          # user's past events in the item's groups (mean over its groups)
+    "user_group_mean",           # user's smoothed past mean value in the item's groups
+    "item_mean",                 # the item's smoothed past mean value, over all users
 )
+# derivations over the item's (possibly multi-valued, ``separator``-joined) ``group_by`` column
+GROUP_DERIVATIONS = ("user_category_clicks", "user_category_ctr", "user_category_mean_dwell",
+                     "user_group_count", "user_group_mean")
+# derivations that read ``value_column`` of the events
+VALUE_DERIVATIONS = ("user_group_mean", "item_mean")
 
 
 class _Strict(BaseModel):
@@ -68,6 +77,7 @@ class Feature(_Strict):
     derive: Optional[str] = None
     window_days: Optional[float] = Field(None, gt=0)  # derived statistics: look-back window
     group_by: str = "category"                        # derived user x group statistics: item column
+    value_column: Optional[str] = None                # derived mean statistics: the events column
     transform: Literal["none", "standard", "log_standard", "bucketize"] = "standard"
     num_buckets: int = Field(10, ge=2)
     max_len: int = Field(1, ge=1)
@@ -100,7 +110,15 @@ class Feature(_Strict):
             raise ValueError(f"{where}: 'derive' needs source 'derived'")
         if self.source == "derived" and self.role != Role.privileged:
             raise ValueError(f"{where}: derived user x item statistics are privileged only")
+        if (self.derive in VALUE_DERIVATIONS) != (self.value_column is not None):
+            raise ValueError(f"{where}: 'value_column' is needed by (and only by) derivations "
+                             f"{', '.join(VALUE_DERIVATIONS)}")
         return self
+
+    @property
+    def group_column(self) -> Optional[str]:
+        """The item column a derived statistic groups by (None: not grouped)."""
+        return self.group_by if self.derive in GROUP_DERIVATIONS else None
 
     @property
     def is_categorical(self) -> bool:

@@ -1,9 +1,10 @@
 """The training loop, identical under every backend.
 
 ``train_worker`` runs in each training process (the driver for ``local``, a
-TorchDistributor process otherwise): it reads its shard of the training split, trains with
-DDP when the world is larger than one, evaluates on the validation split each epoch,
-checkpoints on rank 0 and returns the test metrics of rank 0.
+TorchDistributor or Horovod process otherwise): it reads its shard of the training split,
+trains with gradients averaged over the ranks when the world is larger than one (DDP or
+Horovod, behind :mod:`rec_models.distributed`), evaluates on the validation split each
+epoch, checkpoints on rank 0 and returns the test metrics of rank 0.
 
 A model is any module with ``training_loss(batch, step) -> (loss, logs)`` and
 ``forward(batch) -> {head: logit}`` (heads: "teacher", "student").
@@ -20,11 +21,12 @@ from typing import Optional
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import nn
 
+from rec_models import distributed
 from rec_models.config import Config, validate_config
 from rec_models.loader import ArrowBatchLoader
+from rec_models.loader_factory import make_train_loader
 from rec_models.metrics import auc, logloss
 from rec_models.spec import FeatureSpec
 
@@ -84,56 +86,43 @@ class _LossModule(nn.Module):
         return self.model.training_loss(batch, step)
 
 
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _init_distributed(use_gpu: bool) -> bool:
-    """Join the process group TorchDistributor (or torchrun) described in the environment."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
-        return False
-    dist.init_process_group(backend="nccl" if use_gpu and torch.cuda.is_available() else "gloo")
-    return True
-
-
 def train_worker(job: TrainJob) -> dict:
+    """Train ``job`` in this process, joined to the process group of ``train.backend``."""
     cfg = validate_config(job.config)
     spec = FeatureSpec.from_json(job.spec_json)
-    started_group = _init_distributed(cfg.train.use_gpu)
+    collective = distributed.join(cfg.train.backend, cfg.train.use_gpu)
     threads = torch.get_num_threads()
+    failed = True
     try:
-        return _train(job, cfg, spec)
+        result = _train(job, cfg, spec, collective)
+        failed = False
+        return result
     finally:
         torch.set_num_threads(threads)  # the local backend runs in the caller's process
-        if started_group:
-            dist.destroy_process_group()
+        collective.close(failed=failed)
 
 
-def _train(job: TrainJob, cfg: Config, spec: FeatureSpec) -> dict:
-    rank, world = _world()
+def _train(job: TrainJob, cfg: Config, spec: FeatureSpec, collective: distributed.Collective) -> dict:
+    rank, world = collective.rank, collective.world_size
     tc = cfg.train
     if tc.num_threads:
         torch.set_num_threads(tc.num_threads)
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if tc.use_gpu and torch.cuda.is_available() else "cpu")
+    device = collective.device(tc.use_gpu)
     torch.manual_seed(cfg.run.seed)
     np.random.seed(cfg.run.seed)
 
     model = build_model(job.kind, spec, cfg, job.teacher_checkpoint, load_teachers(job.teachers)).to(device)
     columns = model_columns(spec)
-    loader = ArrowBatchLoader(job.files["train"], spec, columns, tc.batch_size, rank=rank, world_size=world,
-                              shuffle=True, seed=cfg.run.seed, shuffle_buffer_rows=tc.shuffle_buffer_rows,
-                              prefetch_batches=tc.prefetch_batches)
+    loader = make_train_loader(job, spec, columns, rank, world, cfg)   # train.loader: arrow | petastorm
     if len(loader) == 0:
         raise ValueError(f"the training split has too few rows ({loader.num_rows} on rank {rank}) "
                          f"for one batch of {tc.batch_size}")
     step_module = _LossModule(model)
-    if world > 1:
-        step_module = nn.parallel.DistributedDataParallel(
-            step_module, device_ids=[device.index] if device.type == "cuda" else None)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=tc.lr, weight_decay=tc.weight_decay)
+    # gradients averaged over the ranks (DDP or Horovod), from rank 0's initial weights
+    step_module, optimizer = collective.distribute(
+        step_module, optimizer, [(n, p) for n, p in step_module.named_parameters() if p.requires_grad])
 
     history, step, best_auc, since_best = [], 0, -1.0, 0
     train_seconds = 0.0  # the epoch loops only: evaluation and checkpoints excluded
@@ -145,7 +134,7 @@ def _train(job: TrainJob, cfg: Config, spec: FeatureSpec) -> dict:
         for batch in loader:
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             loss, logs = step_module(batch, step)
-            optimizer.zero_grad(set_to_none=True)
+            optimizer.zero_grad()   # grads to None (torch's default); Horovod's wrapper takes no argument
             loss.backward()
             optimizer.step()
             step += 1
@@ -162,7 +151,9 @@ def _train(job: TrainJob, cfg: Config, spec: FeatureSpec) -> dict:
         history.append(record)
         stop = _early_stop(record, tc.early_stopping_patience, best_auc, since_best)
         best_auc, since_best = stop[1], stop[2]
-        if _all_agree(stop[0], device):
+        # rank 0 decides (it alone evaluates); every rank follows, or the next
+        # gradient average would wait forever for the ranks that stopped
+        if collective.broadcast_flag(stop[0]):
             break
     result: dict = {}
     if rank == 0:
@@ -179,9 +170,7 @@ def _train(job: TrainJob, cfg: Config, spec: FeatureSpec) -> dict:
     if world > 1:
         # every process returns rank 0's result: TorchDistributor keeps whichever output
         # file a process wrote last, not necessarily rank 0's
-        shared = [result]
-        dist.broadcast_object_list(shared, src=0)
-        result = shared[0]
+        result = collective.broadcast_object(result)
     return result
 
 
@@ -192,15 +181,6 @@ def _early_stop(record: dict, patience: int, best: float, since: int) -> tuple[b
     if record[key] > best + 1e-4:
         return False, record[key], 0
     return since + 1 >= patience, best, since + 1
-
-
-def _all_agree(flag: bool, device) -> bool:
-    """Rank 0 decides (it alone evaluates); every rank follows, or DDP would hang."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.broadcast(t, src=0)
-    return bool(t.item())
 
 
 def model_columns(spec: FeatureSpec) -> list[str]:

@@ -27,7 +27,7 @@ def test_default_config_loads_synthetic_pfd_local():
     assert cfg.train.backend == "local"
     assert cfg.train.epochs == 3
     assert cfg.train.lr == pytest.approx(0.003)
-    assert cfg.eval.k == [10, 50]
+    assert cfg.eval.k == [10, 50, 100]
     assert cfg.warehouse.writer == "auto"
 
 
