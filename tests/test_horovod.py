@@ -281,6 +281,8 @@ def _assert_fails_with_rank1_error(backend, job, train):
 
 @pytest.mark.slow
 @pytest.mark.timeout(240)
+# horovod.spark.run's own thread re-raises Spark's "job group cancelled" after the failure
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
 def test_failing_rank_fails_the_horovod_job_promptly_with_its_error(horovod, rank1_bad_job):
     _assert_fails_with_rank1_error("horovod", *rank1_bad_job("horovod"))
 
@@ -289,3 +291,35 @@ def test_failing_rank_fails_the_horovod_job_promptly_with_its_error(horovod, ran
 @pytest.mark.timeout(180)
 def test_failing_rank_fails_the_torch_distributor_job_promptly_with_its_error(features, rank1_bad_job):
     _assert_fails_with_rank1_error("torch_distributor", *rank1_bad_job("torch_distributor"))
+
+
+# ---- the job as a user runs it ----------------------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_spark_submit_distill_pfd_with_horovod(horovod, tmp_path):
+    """spark-submit jobs/distill_pfd.py --set train.backend=horovod: every model of the job
+    (PFD, then the baseline) trains in two Horovod processes, and the job finishes with
+    its embeddings and metrics."""
+    import json
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    submit = Path(sys.executable).parent / "spark-submit"
+    env = {**os.environ, "PYSPARK_PYTHON": sys.executable, "PYSPARK_DRIVER_PYTHON": sys.executable}
+    out = tmp_path / "result.json"
+    done = subprocess.run(
+        [str(submit), "--master", "local[2]", str(root / "jobs" / "distill_pfd.py"),
+         "--set", "train.backend=horovod", "--set", "train.epochs=1",
+         "--set", f"warehouse.root={tmp_path / 'wh'}", "--set", f"run.output_dir={tmp_path / 'runs'}",
+         *[a for o in SMALL for a in ("--set", o)], "--json-out", str(out)],
+        cwd=root, capture_output=True, text=True, timeout=590, env=env)
+    logs = done.stdout + done.stderr
+    assert done.returncode == 0, logs[-4000:]
+    result = json.loads(out.read_text())
+    assert result["backend"] == "horovod"
+    assert logs.count("Horovod on Spark: 2 processes") == 2        # PFD and the baseline
+    assert {"student", "teacher", "baseline", "student_retrieval"} <= set(result["metrics"])
+    assert 0.5 < result["metrics"]["student"]["auc"] <= 1.0
+    assert {"user_embeddings", "item_embeddings"} <= set(result["tables"])
