@@ -24,9 +24,9 @@ class MLP(nn.Sequential):
         layers: list[nn.Module] = []
         width = in_dim
         for d in dims:
-            layers += [nn.Linear(width, d), activation()]
-            if dropout > 0:
-                layers.append(nn.Dropout(dropout))
+            # Dropout(0) too: the state dict's layer indices must not depend on the rate, or a
+            # teacher trained with dropout would not load into a model configured without it
+            layers += [nn.Linear(width, d), activation(), nn.Dropout(dropout)]
             width = d
         if out_dim is not None:
             layers.append(nn.Linear(width, out_dim))

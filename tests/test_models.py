@@ -308,6 +308,20 @@ def test_frozen_teacher_from_teacher_only_checkpoint(spec, conf, tmp_path):
     assert all(not p.requires_grad for p in frozen.teacher_only_parameters())
 
 
+def test_teacher_trained_with_dropout_loads_into_a_model_without_it(spec, conf, tmp_path):
+    """Dropout is a training setting, not architecture: the layer layout (and so the state
+    dict) is the same at any rate, and the frozen teacher predicts as it did (eval mode)."""
+    torch.manual_seed(0)
+    trained = TeacherOnly(spec, conf.model_copy(update={"dropout": 0.3})).eval()
+    path = tmp_path / "teacher.pt"
+    torch.save(trained.state_dict(), path)
+    model = PFDModel(spec, conf, DistillConf(warmup_steps=0))   # dropout 0
+    model.load_teacher(str(path))
+    batch = make_batch(spec, 8)
+    with torch.no_grad():
+        assert torch.allclose(model.eval()(batch)["teacher"], trained(batch)["teacher"], atol=1e-6)
+
+
 def test_student_only_and_teacher_only_interfaces(spec, conf):
     batch = make_batch(spec, 8)
     s, t = StudentOnly(spec, conf), TeacherOnly(spec, conf)
