@@ -84,6 +84,9 @@ echo "lane: environment ready in $(( $(date +%s) - started )) s"
 
 export PYSPARK_PYTHON="$PWD/$PY" PYSPARK_DRIVER_PYTHON="$PWD/$PY"
 export DTT_REQUIRE_PETASTORM=1
+# petastorm's file system wrapper warns about pyarrow.localfs when it is collected at exit,
+# after pytest's summary line; the summary should stay the last thing printed
+export PYTHONWARNINGS="ignore::FutureWarning:petastorm.fs_utils"
 if ((${#custom[@]})); then
     exec "$PY" -m pytest "${custom[@]}"
 fi

@@ -101,20 +101,31 @@ def build_features(spark: SparkSession, cfg: Config) -> BuildResult:
             raise InputError(f"the {split} split is empty: too few events or distinct timestamps to split by time")
     samples = _samples(rows, user_enc, item_enc, resolved, data.unknown_ids)
     user_table = _user_table(user_enc, rows, resolved, t_test)
-    uris = {name: cfg.warehouse.uri(name) for name in ("user_features", "item_features", "samples")}
-    writer = cfg.warehouse.writer
-    versions = {
-        "user_features": delta_io.write_table(user_table, uris["user_features"], mode="overwrite", writer=writer),
-        "item_features": delta_io.write_table(item_enc, uris["item_features"], mode="overwrite", writer=writer),
-        "samples": delta_io.write_table(samples, uris["samples"], mode="overwrite", partition_by=["split"],
-                                        writer=writer),
-    }
+    uris, versions = write_feature_tables(cfg, user_table, item_enc, samples)
     resolved = resolved.model_copy(update={"split_times": {"valid": t_valid, "test": t_test},
                                            "table_versions": versions})
     resolved.save(cfg.warehouse.spec_path)
     cached.unpersist()
     log.info("built features: %s", counts)
     return BuildResult(resolved, uris, counts)
+
+
+def write_feature_tables(cfg: Config, user_table: DataFrame, item_table: DataFrame,
+                         samples: DataFrame) -> tuple[dict[str, str], dict[str, int]]:
+    """Overwrite the three feature tables; (their URIs, the Delta version each write made).
+
+    Each table is one atomic commit; the caller saves the versions in the spec, which is
+    what readers pin, so a failure part-way leaves the previous spec's snapshot readable.
+    """
+    uris = {name: cfg.warehouse.uri(name) for name in ("user_features", "item_features", "samples")}
+    writer = cfg.warehouse.writer
+    versions = {
+        "user_features": delta_io.write_table(user_table, uris["user_features"], mode="overwrite", writer=writer),
+        "item_features": delta_io.write_table(item_table, uris["item_features"], mode="overwrite", writer=writer),
+        "samples": delta_io.write_table(samples, uris["samples"], mode="overwrite", partition_by=["split"],
+                                        writer=writer),
+    }
+    return uris, versions
 
 
 def _event_rows(events: DataFrame, spec: FeatureSpec, implicit: bool) -> DataFrame:

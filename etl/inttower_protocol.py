@@ -39,8 +39,7 @@ from dataclasses import dataclass, field
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
-from etl import delta_io
-from etl.build import SPLITS, _encode_entity, _samples
+from etl.build import SPLITS, _encode_entity, _samples, write_feature_tables
 from etl.encoders import encode_numeric, numeric_stats
 from etl.randomness import uniform
 from etl.sources import InputError, load_sources
@@ -211,14 +210,7 @@ def prepare(cfg: Config, inputs: ProtocolInputs, seed: int, variant: str) -> Pre
                                     means.global_mean).select("user_key", *resolved.columns(resolved.user_features))
     item_table = _with_serving_mean(inputs.item_enc, means.items, "item_key", resolved.get(ITEM_MEAN),
                                     means.global_mean).select("item_key", *resolved.columns(resolved.item_features))
-    uris = {name: cfg.warehouse.uri(name) for name in ("user_features", "item_features", "samples")}
-    writer = cfg.warehouse.writer
-    versions = {
-        "user_features": delta_io.write_table(user_table, uris["user_features"], mode="overwrite", writer=writer),
-        "item_features": delta_io.write_table(item_table, uris["item_features"], mode="overwrite", writer=writer),
-        "samples": delta_io.write_table(samples, uris["samples"], mode="overwrite", partition_by=["split"],
-                                        writer=writer),
-    }
+    uris, versions = write_feature_tables(cfg, user_table, item_table, samples)
     resolved = resolved.model_copy(update={"table_versions": versions})
     resolved.save(cfg.warehouse.spec_path)
     rows.unpersist()

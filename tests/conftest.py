@@ -33,3 +33,15 @@ def ml100k_dir():
     if not (ML100K / "ml-100k.inter").exists():
         pytest.skip(f"MovieLens 100K not found at {ML100K} (../shared is absent); licence forbids shipping it")
     return ML100K
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny ops: one intra-op torch thread (OpenMP threads spinning on a busy 2-core box
+    are ~50x slower). Modules ask for it with ``pytestmark = pytest.mark.usefixtures``."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -19,12 +19,6 @@ except ImportError:  # plain `pytest`: tests/ itself is on sys.path
 SMALL = ["model.embedding_dim=8", "model.output_dim=8", "model.tower_dims=[16]", "model.teacher_dims=[16]"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

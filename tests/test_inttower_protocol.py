@@ -17,7 +17,9 @@ from etl.sources import InputError
 from rec_models.config import ConfigError, ModelConf, load_config
 from rec_models.dcn import DCN, CrossNetwork, DCNParams
 from rec_models.methods import get_method
-from tests.test_models import Recording, make_batch, one_thread, spec  # noqa: F401 (fixtures)
+from tests.test_models import Recording, make_batch, spec  # noqa: F401 (fixtures)
+
+pytestmark = pytest.mark.usefixtures("one_thread")   # conftest: one torch thread
 
 T0 = 880_000_000
 

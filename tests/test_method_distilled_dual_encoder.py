@@ -28,9 +28,11 @@ except ImportError:  # plain `pytest`: tests/ itself is on sys.path
 METHOD = "distilled_dual_encoder"
 
 try:
-    from tests.cross_teacher_fixtures import SMALL, cfg, interaction_batch, one_thread, spec, teacher  # noqa: F401
+    from tests.cross_teacher_fixtures import SMALL, cfg, interaction_batch, spec, teacher  # noqa: F401
 except ImportError:  # plain `pytest`: tests/ itself is on sys.path
-    from cross_teacher_fixtures import SMALL, cfg, interaction_batch, one_thread, spec, teacher  # noqa: F401
+    from cross_teacher_fixtures import SMALL, cfg, interaction_batch, spec, teacher  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("one_thread")   # conftest: one torch thread
 
 
 @pytest.fixture

@@ -24,12 +24,7 @@ MODEL_OVERRIDES = ["model.embedding_dim=8", "model.tower_dims=[16]", "model.outp
                    "model.teacher_dims=[32,16]", "model.dropout=0.0"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")   # conftest: one torch thread
 
 
 @pytest.fixture(scope="module")

@@ -26,12 +26,7 @@ COLBERT_PARAMS = {"layers": 1, "heads": 2, "pooling": "mean"}
 CROSS_PARAMS = {"layers": 1, "heads": 2}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")   # conftest: one torch thread
 
 
 @pytest.fixture(scope="module")

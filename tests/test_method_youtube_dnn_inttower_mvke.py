@@ -17,7 +17,9 @@ from rec_models.metrics import auc
 from rec_models.mvke import MVKE
 from rec_models.scoring import score_all
 from rec_models.youtube_dnn import CALIBRATION_MOMENTUM, YouTubeDNN, YouTubeDNNModel, item_ids
-from tests.test_models import Recording, make_batch, one_thread, spec  # noqa: F401 (fixtures)
+from tests.test_models import Recording, make_batch, spec  # noqa: F401 (fixtures)
+
+pytestmark = pytest.mark.usefixtures("one_thread")   # conftest: one torch thread
 
 METHODS = {"youtube_dnn": YouTubeDNN, "inttower": IntTower, "mvke": MVKE}
 

@@ -38,12 +38,7 @@ def petastorm():
                     f"(make test-petastorm). Reason: {exc}")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")   # conftest: one torch thread
 
 
 # ---- everywhere ------------------------------------------------------------------------------
