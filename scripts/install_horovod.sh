@@ -6,10 +6,13 @@
 # Horovod's last release (the version pinned in setup.py's `horovod` extra) does not build
 # against torch >= 2.1 as released: its CMake files hard-code C++14 and torch's headers
 # need C++17. This script takes the sdist from PyPI, switches both CMake files to C++17,
-# builds a CPU wheel with PyTorch + Gloo (no MPI, TensorFlow or MXNet; NCCL is picked up
-# when a CUDA toolkit is present at build time) and caches it in
+# builds a wheel with PyTorch + Gloo (no MPI, TensorFlow or MXNet) and caches it in
 #   ${DTT_WHEEL_CACHE:-$HOME/.cache/distill-two-tower/wheels}/<key>/
-# where <key> changes with the Horovod, torch and Python versions and with this script.
+# where <key> changes with the Horovod, torch and Python versions, HOROVOD_GPU_OPERATIONS
+# and this script.
+# GPU collectives: Horovod builds NCCL operations only when HOROVOD_GPU_OPERATIONS=NCCL is
+# set at build time. This script sets it when torch is a CUDA build and nvcc is on PATH
+# (a GPU node with the CUDA toolkit); set HOROVOD_GPU_OPERATIONS yourself to override.
 # A cached wheel is installed without rebuilding (a build takes ~2.5 min on 2 cores).
 #
 # Horovod's own [spark] extra is never installed: it pins pyarrow<11 (pyspark 4 refuses
@@ -53,7 +56,7 @@ done
 TORCH_VERSION="$("$PYTHON" -c 'import torch; print(torch.__version__)' 2>/dev/null)" \
     || die "torch is not importable by $PYTHON: install the project first (pip install -e '.[local]')"
 PY_TAG="$("$PYTHON" -c 'import sys, sysconfig; print(f"{sys.implementation.name}{sys.version_info[0]}{sys.version_info[1]}-{sysconfig.get_platform()}")')"
-KEY_HASH="$( { echo "$HVD_VERSION $TORCH_VERSION $PY_TAG"; cat "$SCRIPT"; } | sha256sum | cut -c1-12)"
+KEY_HASH="$( { echo "$HVD_VERSION $TORCH_VERSION $PY_TAG ${HOROVOD_GPU_OPERATIONS:-auto}"; cat "$SCRIPT"; } | sha256sum | cut -c1-12)"
 KEY="horovod-${HVD_VERSION}-torch-${TORCH_VERSION}-${PY_TAG}-${KEY_HASH}"
 WHEEL_DIR="$CACHE_ROOT/$KEY"
 
@@ -93,6 +96,13 @@ else
             || die "$f of horovod $HVD_VERSION has no 'set(CMAKE_CXX_STANDARD 14)': this patch is for 0.28.1, review it"
         sed -i 's/set(CMAKE_CXX_STANDARD 14)/set(CMAKE_CXX_STANDARD 17)/' "$SRC/$f"
     done
+
+    # NCCL for GPU tensors where this torch and a CUDA toolkit can build it (see above)
+    if [ -z "${HOROVOD_GPU_OPERATIONS:-}" ] && command -v nvcc >/dev/null 2>&1 \
+        && "$PYTHON" -c 'import sys, torch; sys.exit(torch.version.cuda is None)' 2>/dev/null; then
+        export HOROVOD_GPU_OPERATIONS=NCCL
+    fi
+    say "GPU operations: ${HOROVOD_GPU_OPERATIONS:-none (CPU build: Gloo only)}"
 
     # MAKEFLAGS also stops horovod's setup.py from adding its own -j8
     (cd "$SRC" && PATH="$(dirname "$CMAKE_BIN"):$PATH" \
