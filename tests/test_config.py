@@ -237,3 +237,15 @@ def test_invalid_feature_spec_in_config_names_the_feature(tmp_path):
     msg = _error(files=[str(extra)])
     assert "data.feature_spec" in msg
     assert "feature 'hist'" in msg
+
+
+@pytest.mark.parametrize("dataset", ["ml100k", "ml100k_grouplens", "ml1m"])
+def test_real_datasets_keep_their_own_tables_and_runs(dataset):
+    """A MovieLens build must not overwrite (or be refused by) the synthetic default's
+    warehouse: each dataset conf has its own roots, and --set still wins."""
+    default = load_config()
+    cfg = load_config(dataset=dataset, method="virt")
+    assert cfg.warehouse.root == f"warehouse/{dataset}" != default.warehouse.root
+    assert cfg.run.output_dir == f"runs/{dataset}" != default.run.output_dir
+    assert cfg.run.name == "virt"      # the method's layer still merges over the dataset's
+    assert load_config(dataset=dataset, overrides=["warehouse.root=/tmp/wh"]).warehouse.root == "/tmp/wh"
