@@ -8,11 +8,12 @@ trains each model kind for ``--epochs`` epoch(s) through ``TrainJob`` + ``run_tr
 - ``local`` backend, 1 process, torch intra-op threads 1 and 2;
 - ``torch_distributor`` backend, 2 processes of 1 torch thread each (DDP over gloo,
   ``local_mode``: both processes on the driver), on a ``local[2]`` SparkSession that is
-  started only for these runs, after all local runs;
+  started only for these runs, after all local runs; then the same with ``horovod``
+  (2 Horovod processes as Spark tasks, Gloo) where Horovod is installed;
 - ``loader only``: one epoch of ``ArrowBatchLoader`` over the same train files with the
   training settings (shuffle, buffer, prefetch), no model: the ceiling training could reach.
 
-Models: ``student`` (the DSSM baseline, BCE only) and ``pfd`` (teacher + student trained
+Models: ``dssm`` (the DSSM student alone, BCE only) and ``pfd`` (teacher + student trained
 jointly), batch sizes 1024 and 8192 by default.
 
 How to read the figures:
@@ -26,7 +27,8 @@ How to read the figures:
   fill a batch with are dropped).
 - ``call s`` is the wall time of the whole ``run_training`` call, so ``call s - train s``
   is the fixed overhead of a run: for the distributor it *includes* its start-up cost.
-- ``cores busy`` is the CPU time of this process and its reaped children (torchrun and
+- ``cores busy`` (not for ``horovod``, whose workers are Spark's Python workers) is the
+  CPU time of this process and its reaped children (torchrun and
   its workers: the distributor's start-up included) over ``call s``.
 - The machine has 2 cores, shared with anything else running. The cores busy with any
   work over one second before the start and the load average are printed (with a
@@ -84,7 +86,7 @@ SIZES = {
     "price": {"boundaries": (2.0, 4.0, 6.0, 8.0, 10.0, 15.0, 20.0, 40.0, 80.0)},
     "activity": {"mean": 0.0, "std": 1.0},
 }
-KINDS = ("student", "pfd")
+KINDS = ("dssm", "pfd")   # method names (rec_models.methods): the DSSM student alone, and PFD
 
 
 def resolved_spec() -> FeatureSpec:
@@ -194,8 +196,23 @@ def train_once(kind: str, spec: FeatureSpec, files: dict, out_root: Path, backen
     return {"kind": kind, "backend": backend, "processes": processes, "threads": threads,
             "batch_size": batch_size, "samples_per_second": result["samples_per_second"],
             "train_seconds": result["train_seconds"], "call_seconds": call, "steps": result["steps"],
-            "world_size": result["world_size"], "cores_busy": cpu / call, "load_1min_after": os.getloadavg()[0],
+            "world_size": result["world_size"],
+            # horovod's workers are Spark's Python workers, not this process's children
+            "cores_busy": None if backend == "horovod" else cpu / call, "load_1min_after": os.getloadavg()[0],
             "test_auc": {k: v for k, v in result["test"].items() if k.endswith("_auc")}}
+
+
+def distributed_backends() -> list[str]:
+    """torch_distributor, and horovod where it is installed (make horovod)."""
+    from rec_models.backends import BackendUnavailableError, check_backend_available
+    from rec_models.config import TrainConf
+
+    try:
+        check_backend_available(TrainConf(backend="horovod"))
+    except BackendUnavailableError as exc:
+        print(f"horovod runs skipped: {exc}")
+        return ["torch_distributor"]
+    return ["torch_distributor", "horovod"]
 
 
 def print_table(results: list[dict]) -> None:
@@ -204,7 +221,7 @@ def print_table(results: list[dict]) -> None:
     for r in results:
         print(f"| {r['kind']} | {r['backend']} | {r['processes']} | {r['threads'] or '-'} | {r['batch_size']} "
               f"| {r['samples_per_second']:,.0f} | {r['train_seconds']:.2f} | {r['call_seconds']:.2f} "
-              f"| {r['cores_busy']:.2f} |")
+              f"| {'-' if r['cores_busy'] is None else format(r['cores_busy'], '.2f')} |")
 
 
 def main(argv=None) -> int:
@@ -218,7 +235,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="torch threads, local backend")
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
-    ap.add_argument("--skip-distributor", action="store_true", help="no SparkSession, no torch_distributor runs")
+    ap.add_argument("--skip-distributor", action="store_true",
+                    help="no SparkSession: no torch_distributor or horovod runs")
     ap.add_argument("--json", default=None, help="write the results as JSON to this path")
     args = ap.parse_args(argv)
 
@@ -278,12 +296,13 @@ def main(argv=None) -> int:
             t0 = time.perf_counter()
             spark = get_spark(SparkConf(master="local[2]", conf={"spark.ui.showConsoleProgress": False}))
             print(f"SparkSession local[2] started in {time.perf_counter() - t0:.1f}s", flush=True)
-            for kind in args.kinds:
-                for bs in args.batch_sizes:
-                    r = train_once(kind, spec, files, out_root, "torch_distributor", 2, 1, bs, args.epochs)
-                    results.append(r)
-                    print(f"  {kind} torch_distributor p2 t1 batch {bs}: {r['samples_per_second']:,.0f} samples/s "
-                          f"({r['train_seconds']:.1f}s, call {r['call_seconds']:.1f}s)", flush=True)
+            for backend in distributed_backends():
+                for kind in args.kinds:
+                    for bs in args.batch_sizes:
+                        r = train_once(kind, spec, files, out_root, backend, 2, 1, bs, args.epochs)
+                        results.append(r)
+                        print(f"  {kind} {backend} p2 t1 batch {bs}: {r['samples_per_second']:,.0f} samples/s "
+                              f"({r['train_seconds']:.1f}s, call {r['call_seconds']:.1f}s)", flush=True)
 
         print_table(results)
         if args.json:
