@@ -34,7 +34,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from etl import delta_io
-from rec_models.config import Config
+from rec_models.config import Config, check_ks
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ def evaluate_model(cfg: Config, checkpoint: Optional[str] = None, spark=None) ->
     from etl.pipeline import pinned_version, run_dir
     from rec_models.train import load_checkpoint, load_trained
 
-    ks = check_ks(cfg.eval.k)
+    ks = cfg.eval.k   # validated (sorted, distinct, >= 1) by the config
     name, version = cfg.run.name, cfg.run.version
     path = os.path.abspath(checkpoint or run_dir(cfg, cfg.distill.method, "checkpoints", "last.pt"))
     if not os.path.exists(path):
@@ -120,13 +120,6 @@ def evaluate_model(cfg: Config, checkpoint: Optional[str] = None, spark=None) ->
     result["json"] = os.path.join(out_dir, "evaluation.json")
     _write_json_atomic(result["json"], result)
     return result
-
-
-def check_ks(ks: Sequence[int]) -> list[int]:
-    bad = [k for k in ks if int(k) <= 0]
-    if not len(ks) or bad:
-        raise ValueError(f"eval.k needs at least one K and every K >= 1, got {list(ks)}")
-    return sorted({int(k) for k in ks})
 
 
 def split_files(cfg: Config, split: str, version: Optional[int]) -> list[str]:
@@ -258,7 +251,7 @@ def retrieval_metrics(cfg: Config, name: str, version: str, samples_version: Opt
     if samples_version is None:
         samples_version = pinned_version(load_spec(cfg), "samples")
     return retrieval_from_tables(cfg, load_embeddings(cfg, name, version), samples_version,
-                                 check_ks(cfg.eval.k), exclude_seen)
+                                 cfg.eval.k, exclude_seen)
 
 
 def retrieval_from_tables(cfg: Config, emb: Embeddings, samples_version: Optional[int], ks: list[int],

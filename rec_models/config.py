@@ -217,10 +217,15 @@ class EvalConf(_Section):
     @field_validator("k")
     @classmethod
     def _positive_ks(cls, value: list[int]) -> list[int]:
-        bad = [k for k in value if k <= 0]
-        if not value or bad:
-            raise ValueError(f"eval.k needs at least one K and every K >= 1, got {value}")
-        return sorted(set(value))
+        return check_ks(value)
+
+
+def check_ks(ks) -> list[int]:
+    """The cut-offs of Recall@K / NDCG@K / coverage@K, sorted and distinct; each K >= 1."""
+    bad = [k for k in ks if int(k) <= 0]
+    if not len(ks) or bad:
+        raise ValueError(f"eval.k needs at least one K and every K >= 1, got {list(ks)}")
+    return sorted({int(k) for k in ks})
 
 
 class Config(_Section):
