@@ -8,7 +8,7 @@ shared, then each method through the same pipeline as ``jobs/distill.py`` (its e
 to Delta under its own model name, Recall@K / NDCG@K computed from those tables).
 Columns: test AUC and LogLoss of the student, Recall@K and NDCG@K from the embedding
 tables, training seconds (the method's own epochs; shared teachers excluded), and the
-share of the baseline-to-teacher AUC gap closed: (AUC_student - AUC_dssm) /
+share of the baseline-to-teacher AUC gap closed by a distillation method: (AUC_student - AUC_dssm) /
 (AUC_teacher - AUC_dssm), with the method's own teacher (the PFD teacher for PFD, the
 cross-encoder for the others).
 """
@@ -103,7 +103,7 @@ def run_seed(spark, dataset, methods: list[str], overrides: list[str]) -> tuple[
     for r in rows:
         if baseline is not None:
             r["auc_gain"] = r["student_auc"] - baseline
-            if r["teacher_auc"] - baseline > 1e-9:
+            if r["role"] == "distill" and r["teacher_auc"] - baseline > 1e-9:   # a teacher to close on
                 r["gap_closed"] = r["auc_gain"] / (r["teacher_auc"] - baseline)
     return rows, teacher_auc
 
@@ -129,7 +129,8 @@ def markdown(report: dict) -> str:
     summary = report["summary"]
     ks = sorted({k for r in summary for k in r if k.startswith(("recall@", "ndcg@")) and not k.endswith("_std")},
                 key=lambda k: (k.split("@")[0], int(k.split("@")[1])))
-    head = ["method", "role", "AUC", "LogLoss", *ks, "AUC gain vs DSSM", "gap closed", "train s"]
+    head = ["method", "role", "AUC", "LogLoss", *ks, "AUC gain vs DSSM", "its teacher's AUC", "gap closed",
+            "train s"]
     teachers = ", ".join(f"{k} {np.mean(v):.4f} ± {np.std(v, ddof=1) if len(v) > 1 else 0:.4f}"
                          for k, v in report["teachers"].items())
     lines = [f"Dataset: {report['dataset']}; seeds {report['seeds']} (mean ± std over seeds); "
@@ -142,7 +143,8 @@ def markdown(report: dict) -> str:
     for r in summary:
         gain = cell(r, "auc_gain") + (" *" if r.get("gain_exceeds_spread") else "")
         cells = [r["method"], r["role"], cell(r, "student_auc"), cell(r, "student_logloss"),
-                 *[cell(r, k) for k in ks], gain, cell(r, "gap_closed", 2), f"{r['train_seconds']:.1f}"]
+                 *[cell(r, k) for k in ks], gain, cell(r, "teacher_auc") if r["role"] == "distill" else "-",
+                 cell(r, "gap_closed", 2), f"{r['train_seconds']:.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "`*`: the mean AUC gain over DSSM is positive and larger than its standard deviation "
               "over seeds (gains are paired: each seed's method against the same seed's DSSM)."]

@@ -4,7 +4,8 @@
       -> validate (every problem named, before anything is written)
       -> encode entity tables (vocabularies with OOV, numeric normalisation or buckets,
          multi-valued categoricals)                        -> user_features, item_features
-      -> rows = events (+ sampled negatives for implicit feedback), time-based split
+      -> rows = events (+ sampled negatives for implicit feedback), split by time:
+         one global cut or each user's last events (etl/splits.py)
       -> point-in-time history and privileged statistics (etl/point_in_time.py)
       -> join public entity features                       -> samples (partitioned by split)
       -> the resolved FeatureSpec (sizes, statistics, split times) beside the tables
@@ -28,6 +29,7 @@ from etl.encoders import build_vocab, encode_categorical, encode_multi, encode_n
 from etl.point_in_time import add_history, add_privileged, history_as_of
 from etl.randomness import uniform
 from etl.sources import InputError, load_sources
+from etl.splits import TEST_START, assign_split
 from etl.validation import DWELL, check_unknown_ids, group_columns, validate_inputs, value_columns
 from rec_models.config import Config
 from rec_models.spec import OOV_INDEX, Feature, FeatureSpec, Kind, Role
@@ -64,9 +66,7 @@ def build_features(spark: SparkSession, cfg: Config) -> BuildResult:
     if data.source.implicit:
         rows = rows.unionByName(_sample_negatives(rows, item_enc, cfg), allowMissingColumns=True)
     rows = rows.withColumn("row_id", F.monotonically_increasing_id())
-    t_valid, t_test = _split_times(rows, data.split.valid_fraction, data.split.test_fraction)
-    rows = rows.withColumn("split", F.when(F.col(spec.keys.timestamp) >= t_test, "test")
-                           .when(F.col(spec.keys.timestamp) >= t_valid, "valid").otherwise("train"))
+    rows, split_times = assign_split(rows, data.split, spec.keys.timestamp)
 
     # event-side encodings: ids through the entity vocabularies (unseen -> OOV)
     item_index = item_enc.select("item_key", F.col(spec.keys.item).alias("__item_idx"))
@@ -100,9 +100,9 @@ def build_features(spark: SparkSession, cfg: Config) -> BuildResult:
         if not counts.get(split):
             raise InputError(f"the {split} split is empty: too few events or distinct timestamps to split by time")
     samples = _samples(rows, user_enc, item_enc, resolved, data.unknown_ids)
-    user_table = _user_table(user_enc, rows, resolved, t_test)
+    user_table = _user_table(user_enc, rows, resolved)
     uris, versions = write_feature_tables(cfg, user_table, item_enc, samples)
-    resolved = resolved.model_copy(update={"split_times": {"valid": t_valid, "test": t_test},
+    resolved = resolved.model_copy(update={"split_times": split_times, "split": data.split.model_dump(),
                                            "table_versions": versions})
     resolved.save(cfg.warehouse.spec_path)
     cached.unpersist()
@@ -155,11 +155,6 @@ def _sample_negatives(rows: DataFrame, item_enc: DataFrame, cfg: Config) -> Data
     return (draws.join(catalogue, "__pick")
             .select("user_key", "item_key", cfg.spec.keys.timestamp, F.lit(0).alias(label),
                     F.lit(None).cast("double").alias(DWELL), F.lit(False).alias("is_event")))
-
-
-def _split_times(rows: DataFrame, valid_fraction: float, test_fraction: float) -> tuple[int, int]:
-    q = rows.where("is_event").approxQuantile("timestamp", [1 - valid_fraction - test_fraction, 1 - test_fraction], 1e-4)
-    return int(q[0]), int(q[1])
 
 
 def _encode_entity(events: DataFrame, table: Optional[DataFrame], spec: FeatureSpec, role: Role,
@@ -215,8 +210,10 @@ def _fill_missing(df: DataFrame, spec: FeatureSpec, key: str) -> DataFrame:
     return df
 
 
-def _user_table(user_enc: DataFrame, rows: DataFrame, spec: FeatureSpec, as_of: int) -> DataFrame:
-    """Serving snapshot of the users: public features + history as of the test start."""
+def _user_table(user_enc: DataFrame, rows: DataFrame, spec: FeatureSpec) -> DataFrame:
+    """Serving snapshot of the users: public features + history as of the user's test start
+    (a user without test events: all of their events)."""
+    as_of = F.coalesce(F.col(TEST_START), F.lit(2**63 - 1))
     out = user_enc
     for f in spec.user_features:
         if f.kind == Kind.sequence:

@@ -54,6 +54,10 @@ def load_spec(cfg: Config) -> FeatureSpec:
     if declared != built:
         raise ValueError(f"the feature tables at {cfg.warehouse.root} were built for features {built}, "
                          f"but the conf declares {declared}: rerun jobs/build_features.py")
+    split = cfg.data.split.model_dump()
+    if spec.split is not None and spec.split != split:
+        raise ValueError(f"the feature tables at {cfg.warehouse.root} were split with data.split={spec.split}, "
+                         f"but the conf declares {split}: rerun jobs/build_features.py")
     return spec
 
 

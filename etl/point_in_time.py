@@ -156,8 +156,9 @@ def add_history(rows: DataFrame, feature: Feature, ts: str, label: str, item_ind
     return rows.withColumn(feature.name, pad_list(items, feature.max_len))
 
 
-def history_as_of(rows: DataFrame, feature: Feature, ts: str, label: str, item_index: str, as_of: int) -> DataFrame:
-    """(user_key, sequence) of the last ``max_len`` clicks before ``as_of``, for serving."""
+def history_as_of(rows: DataFrame, feature: Feature, ts: str, label: str, item_index: str, as_of: Column) -> DataFrame:
+    """(user_key, sequence) of the last ``max_len`` clicks before ``as_of`` (a column of
+    ``rows``: the cut may differ per user), for serving."""
     recent = (rows.where(F.col("is_event") & (F.col(label) == 1) & (F.col(ts) < as_of))
               .withColumn("__rank", F.row_number().over(
                   Window.partitionBy("user_key").orderBy(F.desc(ts), F.desc("row_id"))))

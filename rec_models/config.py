@@ -117,6 +117,8 @@ class SourceConf(_Section):
 
 
 class SplitConf(_Section):
+    # global: one cut over all events; per_user: each user's own last events (etl/splits.py)
+    scheme: Literal["global", "per_user"] = "global"
     valid_fraction: float = Field(0.1, ge=0, lt=1)
     test_fraction: float = Field(0.1, gt=0, lt=1)
 
@@ -172,6 +174,8 @@ class TrainConf(_Section):
     num_threads: int = Field(0, ge=0)   # torch intra-op threads per process; 0 = leave default
     log_every: int = Field(100, ge=1)
     early_stopping_patience: int = Field(0, ge=0)  # epochs without valid AUC gain; 0 = off
+    # keep the epoch of best validation AUC (the student head where there is one), not the last
+    restore_best_epoch: bool = False
 
     @field_validator("backend")
     @classmethod

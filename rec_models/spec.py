@@ -20,7 +20,7 @@ import json
 import os
 import tempfile
 from enum import Enum
-from typing import Iterable, Literal, Optional
+from typing import Any, Iterable, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -153,6 +153,7 @@ class FeatureSpec(_Strict):
     features: tuple[Feature, ...]
     resolved: bool = False
     split_times: Optional[dict[str, int]] = None  # filled by ETL: first timestamp of valid / test
+    split: Optional[dict[str, Any]] = None  # filled by ETL: the data.split conf it was built with
     # filled by ETL: the Delta version of each table this spec was built with; readers pin
     # these, so a rebuild that fails half-way never mixes old and new tables
     table_versions: Optional[dict[str, int]] = None

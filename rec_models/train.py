@@ -124,7 +124,7 @@ def _train(job: TrainJob, cfg: Config, spec: FeatureSpec, collective: distribute
     step_module, optimizer = collective.distribute(
         step_module, optimizer, [(n, p) for n, p in step_module.named_parameters() if p.requires_grad])
 
-    history, step, best_auc, since_best = [], 0, -1.0, 0
+    history, step, best_auc, since_best, best_epoch = [], 0, -1.0, 0, None
     train_seconds = 0.0  # the epoch loops only: evaluation and checkpoints excluded
     for epoch in range(tc.epochs):
         model.train()
@@ -149,18 +149,25 @@ def _train(job: TrainJob, cfg: Config, spec: FeatureSpec, collective: distribute
             save_checkpoint(os.path.join(job.out_dir, "checkpoints", f"epoch_{epoch}.pt"), model, optimizer, epoch, step, job)
             log.info("epoch %d: %s", epoch, json.dumps(record))
         history.append(record)
-        stop = _early_stop(record, tc.early_stopping_patience, best_auc, since_best)
-        best_auc, since_best = stop[1], stop[2]
+        stop, improved, since_best = _early_stop(record, tc.early_stopping_patience, best_auc, since_best)
+        if improved:
+            best_auc, best_epoch = record[_selection_metric(record)], epoch
         # rank 0 decides (it alone evaluates); every rank follows, or the next
         # gradient average would wait forever for the ranks that stopped
-        if collective.broadcast_flag(stop[0]):
+        if collective.broadcast_flag(stop):
             break
     result: dict = {}
     if rank == 0:
+        selected = epoch
+        if tc.restore_best_epoch and best_epoch is not None and best_epoch != epoch:
+            # rank 0 alone scores the test split and writes the result: only its weights matter
+            best = load_checkpoint(os.path.join(job.out_dir, "checkpoints", f"epoch_{best_epoch}.pt"))
+            model.load_state_dict(best["model"])
+            selected = best_epoch
         final = os.path.join(job.out_dir, "checkpoints", "last.pt")
-        save_checkpoint(final, model, optimizer, epoch, step, job)
+        save_checkpoint(final, model, optimizer, selected, step, job)
         result = {
-            "kind": job.kind, "checkpoint": final, "history": history,
+            "kind": job.kind, "checkpoint": final, "history": history, "selected_epoch": selected,
             "train_seconds": train_seconds, "steps": step, "world_size": world,
             "samples_per_second": step * tc.batch_size * world / max(train_seconds, 1e-9),
             "test": evaluate(model, job.files["test"], spec, cfg, device),
@@ -174,13 +181,19 @@ def _train(job: TrainJob, cfg: Config, spec: FeatureSpec, collective: distribute
     return result
 
 
-def _early_stop(record: dict, patience: int, best: float, since: int) -> tuple[bool, float, int]:
-    key = next((k for k in ("valid_student_auc", "valid_teacher_auc") if k in record), None)
-    if not patience or key is None:
-        return False, best, since
+def _selection_metric(record: dict) -> Optional[str]:
+    """The validation metric that selects epochs: the student's AUC, else the teacher's."""
+    return next((k for k in ("valid_student_auc", "valid_teacher_auc") if k in record), None)
+
+
+def _early_stop(record: dict, patience: int, best: float, since: int) -> tuple[bool, bool, int]:
+    """(stop now, this epoch is the best so far, epochs since the best)."""
+    key = _selection_metric(record)
+    if key is None:
+        return False, False, since
     if record[key] > best + 1e-4:
-        return False, record[key], 0
-    return since + 1 >= patience, best, since + 1
+        return False, True, 0
+    return bool(patience) and since + 1 >= patience, False, since + 1
 
 
 def model_columns(spec: FeatureSpec) -> list[str]:

@@ -147,6 +147,55 @@ def test_time_split_and_encodings(built):
         loaded.split_times["test"] <= order.loc["test", "min"]
 
 
+def _expected_per_user_split(ev: pd.DataFrame, valid_fraction: float, test_fraction: float) -> pd.DataFrame:
+    """Brute force of the per-user split: (uid, ts) -> split, and each user's test start."""
+    rows = []
+    for uid, g in ev.groupby("uid"):
+        ts = np.sort(g.ts.to_numpy())
+        n = len(ts)
+        n_test, n_valid = int(np.floor(n * test_fraction)), int(np.floor(n * valid_fraction))
+        t_test = ts[n - n_test] if n_test else None
+        t_valid = ts[n - n_test - n_valid] if n_test + n_valid else None
+        for t in np.unique(ts):
+            split = ("test" if t_test is not None and t >= t_test else
+                     "valid" if t_valid is not None and t >= t_valid else "train")
+            rows.append((uid, t, split, t_test))
+    return pd.DataFrame(rows, columns=["uid", "ts", "split", "test_start"])
+
+
+def test_per_user_split_holds_each_users_last_events(spark, tmp_path):
+    from etl.pipeline import load_spec
+
+    paths, ev, users, _ = _tables(tmp_path, n_events=600, seed=3)
+    cfg = _cfg(tmp_path, paths, ["data.split.scheme=per_user", "data.split.valid_fraction=0.1",
+                                 "data.split.test_fraction=0.2"])
+    result = build_features(spark, cfg)
+    samples = delta_io.read_arrow(cfg.warehouse.uri("samples")).to_pandas()
+    expected = _expected_per_user_split(ev, 0.1, 0.2)
+    got = samples[["user_key", "timestamp", "split"]].drop_duplicates()
+    assert got.groupby(["user_key", "timestamp"]).size().max() == 1, "one user's same-second events split apart"
+    merged = expected.merge(got, left_on=["uid", "ts"], right_on=["user_key", "timestamp"], how="outer",
+                            suffixes=("_expected", "_got"), indicator=True)
+    assert (merged["_merge"] == "both").all()
+    assert (merged.split_expected == merged.split_got).all()
+    # every user with enough events is in the test split: no cold-start test users
+    assert set(samples[samples.split == "test"].user_key) == set(ev.uid)
+    # the serving history of each user stops at that user's own test start
+    vocab = _item_vocab(samples)
+    inverse = {v: k for k, v in vocab.items()}
+    max_len = result.spec.get("hist_item_ids").max_len
+    user_table = delta_io.read_arrow(cfg.warehouse.uri("user_features")).to_pandas()
+    starts = expected.groupby("uid").test_start.first()
+    for _, row in user_table.iterrows():
+        before = ev[(ev.uid == row.user_key) & (ev.ts < starts[row.user_key]) & (ev.clicked == 1)]
+        hist = [inverse[x] for x in row.hist_item_ids if x != PAD_INDEX]
+        assert set(hist) <= set(before.iid) and len(hist) == min(max_len, len(before))
+    assert result.spec.split_times is None and result.spec.split["scheme"] == "per_user"
+    # tables built with one split are refused under a conf that declares another
+    with pytest.raises(ValueError, match="data.split"):
+        load_spec(_cfg(tmp_path, paths))
+
+
 def test_rebuild_is_idempotent(spark, built):
     cfg, result, samples, *_ = built
     version = delta_io.table_version(cfg.warehouse.uri("samples"))

@@ -135,6 +135,53 @@ def test_teacher_job_then_distillation_from_frozen_teacher(pfd_run, capsys):
     assert "baseline" not in frozen["metrics"]
 
 
+def test_restore_best_epoch_keeps_the_epoch_of_best_validation_auc(pfd_run, monkeypatch):
+    """Validation AUCs scripted to peak at epoch 1 of 3: the kept model, its checkpoint and
+    its test metrics are epoch 1's; without the option they are the last epoch's."""
+    import torch
+
+    from etl import pipeline
+    from rec_models import train
+    from rec_models.config import load_config
+
+    tmp, _ = pfd_run
+    cfg = load_config(method="dssm", overrides=[f"warehouse.root={tmp / 'wh'}", f"run.output_dir={tmp / 'runs'}",
+                                                *SMALL, "train.restore_best_epoch=true", "train.num_threads=1"])
+    spec = pipeline.load_spec(cfg)
+    files = pipeline.training_files(cfg, spec)
+    scripted = iter([0.61, 0.65, 0.63])
+    real_evaluate = train.evaluate
+
+    def evaluate(model, paths, *args):
+        metrics = real_evaluate(model, paths, *args)
+        return {**metrics, "student_auc": next(scripted)} if paths == files["valid"] else metrics
+
+    monkeypatch.setattr(train, "evaluate", evaluate)
+    out = tmp / "runs" / "restore_best"
+    result = pipeline.train(cfg, spec, "dssm", str(out), "r")
+    assert result["selected_epoch"] == 1 and len(result["history"]) == 3
+    kept = train.load_checkpoint(result["checkpoint"])
+    epoch_1 = train.load_checkpoint(str(out / "checkpoints" / "epoch_1.pt"))
+    epoch_2 = train.load_checkpoint(str(out / "checkpoints" / "epoch_2.pt"))
+    assert kept["epoch"] == 1
+    for name, value in epoch_1["model"].items():
+        assert torch.equal(kept["model"][name], value), name
+    assert any(not torch.equal(epoch_2["model"][n], v) for n, v in epoch_1["model"].items())
+    model = train.load_trained(str(out / "checkpoints" / "epoch_1.pt"))[0]
+    assert result["test"] == pytest.approx(real_evaluate(model, files["test"], spec, cfg, torch.device("cpu")))
+
+    scripted = iter([0.61, 0.65, 0.63])
+    last = pipeline.train(cfg.model_copy(update={"train": cfg.train.model_copy(update={"restore_best_epoch": False})}),
+                          spec, "dssm", str(tmp / "runs" / "keep_last"), "r")
+    assert last["selected_epoch"] == 2
+
+    # early stopping (patience 1) ends after epoch 2; the kept model is still epoch 1's
+    scripted = iter([0.61, 0.65, 0.63, 0.9])
+    stopped = pipeline.train(cfg.model_copy(update={"train": cfg.train.model_copy(
+        update={"epochs": 4, "early_stopping_patience": 1})}), spec, "dssm", str(tmp / "runs" / "stopped"), "r")
+    assert len(stopped["history"]) == 3 and stopped["selected_epoch"] == 1
+
+
 def test_torch_distributor_backend_trains_two_ranks(pfd_run, capsys):
     """Same job, Spark's TorchDistributor with 2 gloo processes; its checkpoint loads locally."""
     from jobs import train_teacher
