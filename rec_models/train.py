@@ -149,9 +149,12 @@ def _train(job: TrainJob, cfg: Config, spec: FeatureSpec, collective: distribute
             save_checkpoint(os.path.join(job.out_dir, "checkpoints", f"epoch_{epoch}.pt"), model, optimizer, epoch, step, job)
             log.info("epoch %d: %s", epoch, json.dumps(record))
         history.append(record)
-        stop, improved, since_best = _early_stop(record, tc.early_stopping_patience, best_auc, since_best)
-        if improved:
-            best_auc, best_epoch = record[_selection_metric(record)], epoch
+        key = _selection_metric(record)   # None on ranks > 0: they do not evaluate
+        if key is not None and record[key] > best_auc + 1e-4:
+            best_auc, best_epoch, since_best = record[key], epoch, 0
+        elif key is not None:
+            since_best += 1
+        stop = bool(tc.early_stopping_patience) and since_best >= tc.early_stopping_patience
         # rank 0 decides (it alone evaluates); every rank follows, or the next
         # gradient average would wait forever for the ranks that stopped
         if collective.broadcast_flag(stop):
@@ -184,16 +187,6 @@ def _train(job: TrainJob, cfg: Config, spec: FeatureSpec, collective: distribute
 def _selection_metric(record: dict) -> Optional[str]:
     """The validation metric that selects epochs: the student's AUC, else the teacher's."""
     return next((k for k in ("valid_student_auc", "valid_teacher_auc") if k in record), None)
-
-
-def _early_stop(record: dict, patience: int, best: float, since: int) -> tuple[bool, bool, int]:
-    """(stop now, this epoch is the best so far, epochs since the best)."""
-    key = _selection_metric(record)
-    if key is None:
-        return False, False, since
-    if record[key] > best + 1e-4:
-        return False, True, 0
-    return bool(patience) and since + 1 >= patience, False, since + 1
 
 
 def model_columns(spec: FeatureSpec) -> list[str]:
