@@ -36,8 +36,10 @@ test-petastorm:
 horovod: venv
 	scripts/install_horovod.sh $(PY)
 
+# loader rows/s and training samples/s per backend (figures in docs/results.md)
 bench: venv
-	$(PY) benchmarks/bench_loader_and_training.py
+	$(PY) benchmarks/bench_loader.py
+	$(PY) benchmarks/bench_training.py --threads 1
 
 clean:
 	rm -rf warehouse runs spark-warehouse

@@ -15,7 +15,6 @@ BASE = [
     "pyarrow>=14",         # the extras narrow it: >=18 for pyspark 4, 14.0.2 for Petastorm
     "deltalake==1.6.6",    # delta-rs: Delta commits where Spark has no Delta jars
     "scikit-learn>=1.3",
-    "tqdm>=4.66",
     "matplotlib>=3.8",     # evaluation report plots (Agg backend, no display needed)
 ]
 LOCAL = [
@@ -68,7 +67,8 @@ setup(
     name="distill-two-tower",
     version="0.1.0",
     description="Distributed distillation of two-tower recommenders on Spark, embeddings to Delta",
-    packages=find_packages(include=["etl", "etl.*", "rec_models", "rec_models.*", "jobs", "jobs.*"]),
+    packages=find_packages(include=["etl", "etl.*", "orchestration", "orchestration.*", "rec_models", "rec_models.*",
+                                    "jobs", "jobs.*"]),
     python_requires=">=3.10",
     install_requires=BASE,
     extras_require={"local": LOCAL, "test": TEST, "notebook": NOTEBOOK, "dev": LOCAL + TEST + NOTEBOOK, "petastorm": PETASTORM, "horovod": HOROVOD},

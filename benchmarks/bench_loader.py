@@ -34,7 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rec_models.config import load_config  # noqa: E402
-from rec_models.loader import ArrowBatchLoader  # noqa: E402
+from rec_models.loaders.arrow import ArrowBatchLoader
 from rec_models.spec import FeatureSpec, Kind  # noqa: E402
 
 

@@ -39,8 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_loader import write_dataset  # noqa: E402
 from rec_models.config import SparkConf, load_config  # noqa: E402
-from rec_models.loader import ArrowBatchLoader  # noqa: E402
-from rec_models.petastorm_loader import PetastormLoader, guard_end_of_data, require_petastorm  # noqa: E402
+from rec_models.loaders.arrow import ArrowBatchLoader
+from rec_models.loaders.petastorm import PetastormLoader, guard_end_of_data, require_petastorm
 
 
 def pin(threads: int) -> str:

@@ -69,11 +69,11 @@ sys.path.insert(0, str(_HERE.parent))
 sys.path.insert(0, str(_HERE))
 
 from bench_loader import make_table  # noqa: E402  (the shared data generator)
-from rec_models.backends import run_training  # noqa: E402
+from orchestration.spark_training.launchers import run_training
 from rec_models.config import load_config  # noqa: E402
-from rec_models.loader import ArrowBatchLoader  # noqa: E402
+from rec_models.loaders.arrow import ArrowBatchLoader
 from rec_models.spec import FeatureSpec  # noqa: E402
-from rec_models.train import TrainJob, model_columns  # noqa: E402
+from rec_models.training.loop import TrainJob, model_columns
 
 # What ETL would have filled in; ids match the synthetic conf (n + padding + OOV).
 SIZES = {
@@ -204,7 +204,7 @@ def train_once(kind: str, spec: FeatureSpec, files: dict, out_root: Path, backen
 
 def distributed_backends() -> list[str]:
     """torch_distributor, and horovod where it is installed (make horovod)."""
-    from rec_models.backends import BackendUnavailableError, check_backend_available
+    from orchestration.spark_training.launchers import BackendUnavailableError, check_backend_available
     from rec_models.config import TrainConf
 
     try:

@@ -23,12 +23,12 @@ import time
 
 import numpy as np
 
-from etl import pipeline
+from orchestration import pipeline
 from etl.spark import get_spark
 from rec_models.config import load_config
 from rec_models.methods import METHODS
 
-ORDER = ["dssm", "youtube_dnn", "colbert", "inttower", "mvke", "pfd", "endx", "trmd", "virt",
+ORDER = ["dssm", "youtube_dnn", "colbert", "inttower", "mvke", "pfd", "kd", "endx", "trmd", "virt",
          "distilled_dual_encoder", "ernie_search"]
 SHARED_TEACHERS = ("cross_encoder", "colbert")
 
@@ -74,7 +74,7 @@ def main(argv=None) -> int:
 def run_seed(spark, dataset, methods: list[str], overrides: list[str]) -> tuple[list[dict], dict[str, float]]:
     """Shared teachers, then every method, all with one run.seed; AUC gains are paired
     with this seed's DSSM."""
-    from rec_models.train import teacher_config
+    from rec_models.training.loop import teacher_config
 
     base = load_config(dataset=dataset, overrides=overrides)
     spec = pipeline.load_spec(base)

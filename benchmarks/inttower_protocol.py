@@ -7,7 +7,7 @@ Two-Tower Model for Pre-Ranking System", CIKM 2022, Table 2) on MovieLens 100K.
 
 One SparkSession: the events are read, labelled and the entity tables encoded once; each
 (seed, variant) is prepared once by ``etl/inttower_protocol.py`` (the seed draws the random
-split and seeds training) and every model trains on it through ``etl.pipeline.train``
+split and seeds training) and every model trains on it through ``orchestration.pipeline.train``
 (conf: ``conf/dataset/ml100k_inttower.yaml`` + ``conf/method/<model>.yaml`` + ``--set``).
 Writes ``<out>.md`` / ``<out>.json``: per model and variant the mean +- sample std and
 min / max over the seeds of test AUC and LogLoss beside the paper's figures, the paper's
@@ -27,7 +27,7 @@ import time
 
 import numpy as np
 
-from etl import pipeline
+from orchestration import pipeline
 from etl.inttower_protocol import VARIANTS, load_inputs, prepare
 from etl.spark import get_spark
 from rec_models.config import load_config

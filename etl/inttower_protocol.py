@@ -28,7 +28,7 @@ with train-row statistics (the paper min-max scales).
 Entity features are encoded once (:func:`load_inputs`, reusing etl/build.py's entity
 encoder); each (seed, variant) then only splits, averages and writes (:func:`prepare`):
 ``user_features`` / ``item_features`` / ``samples`` through :mod:`etl.delta_io`, plus the
-resolved FeatureSpec, so training reads them like any build (``etl.pipeline.train``).
+resolved FeatureSpec, so training reads them like any build (``orchestration.pipeline.train``).
 """
 from __future__ import annotations
 

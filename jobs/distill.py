@@ -12,7 +12,7 @@ from jobs._common import run, spark_for
 
 
 def body(args, cfg):
-    from etl import pipeline
+    from orchestration import pipeline
 
     return {"job": "distill", **pipeline.run_method(spark_for(cfg), cfg, cfg.distill.method)}
 

@@ -18,7 +18,7 @@ def options(p):
 
 
 def body(args, cfg):
-    from etl import evaluation
+    from orchestration import evaluation
 
     # Spark starts inside, once the inputs are known to exist: a wrong one fails in seconds
     return {"job": "evaluate", **evaluation.evaluate_model(cfg, args.checkpoint)}

@@ -15,8 +15,8 @@ def options(p):
 
 
 def body(args, cfg):
-    from etl import pipeline
-    from rec_models.train import teacher_config
+    from orchestration import pipeline
+    from rec_models.training.loop import teacher_config
 
     pipeline.check_training_env(cfg)
     spec = pipeline.ensure_features(spark_for(cfg), cfg)

@@ -15,9 +15,9 @@ def options(p):
 
 
 def body(args, cfg):
-    from etl import pipeline
-    from etl.embeddings import ModelTag
-    from rec_models.export import load_student
+    from orchestration import pipeline
+    from orchestration.artifacts import ModelTag
+    from rec_models.serving.export import load_student
 
     bundle = args.bundle or pipeline.run_dir(cfg, "student.pt")
     if not os.path.exists(bundle):

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal, Optional, Sequence
+from typing import Any, Literal, Mapping, Optional, Sequence
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -222,6 +222,21 @@ class EvalConf(_Section):
     @classmethod
     def _positive_ks(cls, value: list[int]) -> list[int]:
         return check_ks(value)
+
+
+def parse_params(params_cls: type[BaseModel], raw: Optional[Mapping], method: str) -> BaseModel:
+    """Validate a method's ``distill.params`` (or a teacher's ``teacher_params``) with its
+    pydantic model: the one validation path of every method, so an unknown key or a bad
+    value is a :class:`ConfigError` naming ``distill.params.<key>`` and the method."""
+    try:
+        return params_cls.model_validate(dict(raw or {}))
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            where = ".".join(str(p) for p in err["loc"]) or "(top)"
+            msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+            problems.append(f"distill.params.{where}: {msg}")
+        raise ConfigError(f"invalid params of method '{method}':\n  " + "\n  ".join(problems)) from None
 
 
 def check_ks(ks) -> list[int]:

@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 
 
-def _weighted_mean(loss: torch.Tensor, weight: Optional[torch.Tensor]) -> torch.Tensor:
+def weighted_mean(loss: torch.Tensor, weight: Optional[torch.Tensor]) -> torch.Tensor:
+    """mean_w(l) = sum_i w_i l_i / sum_i w_i; the plain mean without weights."""
     if weight is None:
         return loss.mean()
     weight = weight.to(loss.dtype)
@@ -24,7 +25,7 @@ def bce(logit: torch.Tensor, label: torch.Tensor, weight: Optional[torch.Tensor]
     L = mean_w[ -y log sigma(z) - (1 - y) log(1 - sigma(z)) ]   (computed stably from z)
     """
     loss = F.binary_cross_entropy_with_logits(logit, label.to(logit.dtype), reduction="none")
-    return _weighted_mean(loss, weight)
+    return weighted_mean(loss, weight)
 
 
 def soft_label_distillation(
@@ -45,7 +46,7 @@ def soft_label_distillation(
     t = float(temperature)
     target = torch.sigmoid(teacher_logit.detach() / t)
     loss = F.binary_cross_entropy_with_logits(student_logit / t, target, reduction="none")
-    return (t * t) * _weighted_mean(loss, weight)
+    return (t * t) * weighted_mean(loss, weight)
 
 
 def linear_warmup(step: int, warmup_steps: int, alpha: float) -> float:
@@ -99,4 +100,4 @@ def in_batch_softmax(
     if log_q is not None:
         logits = logits - log_q.to(logits.dtype)
     loss = F.cross_entropy(logits, target, reduction="none")
-    return _weighted_mean(loss, weight)
+    return weighted_mean(loss, weight)

@@ -34,36 +34,33 @@ class Method:
 
 
 METHODS: dict[str, Method] = {m.name: m for m in (
-    Method("dssm", "baseline", "rec_models.pfd:build_student_only", doc="DSSM two-tower, BCE"),
-    Method("pfd_teacher", "teacher", "rec_models.pfd:build_teacher_only",
+    Method("dssm", "baseline", "rec_models.models.student_only:build_student_only", doc="DSSM two-tower, BCE"),
+    Method("pfd_teacher", "teacher", "rec_models.models.pfd_teacher:build_teacher_only",
            doc="ranking teacher on public + privileged features"),
-    Method("pfd", "distill", "rec_models.pfd:build_pfd", doc="PFD: joint teacher + student, soft labels"),
-    Method("cross_encoder", "teacher", "rec_models.cross_encoder:build",
+    Method("pfd", "distill", "rec_models.distill.pfd:build_pfd", doc="PFD: joint teacher + student, soft labels"),
+    Method("cross_encoder", "teacher", "rec_models.models.cross_encoder:build",
            doc="transformer over user and item field tokens"),
-    Method("dcn", "teacher", "rec_models.dcn:build",
+    Method("dcn", "teacher", "rec_models.models.dcn:build",
            doc="DCN: vector cross layers and a deep MLP over all field tokens"),
-    Method("colbert", "interaction", "rec_models.colbert:build", doc="ColBERT late interaction"),
-    Method("youtube_dnn", "baseline", "rec_models.youtube_dnn:build",
+    Method("colbert", "interaction", "rec_models.models.colbert:build", doc="ColBERT late interaction"),
+    Method("youtube_dnn", "baseline", "rec_models.models.youtube_dnn:build",
            doc="YouTubeDNN: history pooling, in-batch sampled softmax"),
-    Method("inttower", "interaction", "rec_models.inttower:build",
+    Method("inttower", "interaction", "rec_models.models.inttower:build",
            doc="IntTower: FE-block, light-SE, CIR contrastive loss"),
-    Method("mvke", "interaction", "rec_models.mvke:build", doc="MVKE: virtual-kernel experts, tag attention"),
-    Method("endx", "distill", "rec_models.endx:build", ("cross_encoder",),
+    Method("mvke", "interaction", "rec_models.models.mvke:build", doc="MVKE: virtual-kernel experts, tag attention"),
+    Method("kd", "distill", "rec_models.distill.kd:build", ("cross_encoder",),
+           doc="Hinton KD: soft labels of the frozen cross-encoder into DSSM"),
+    Method("endx", "distill", "rec_models.distill.endx:build", ("cross_encoder",),
            doc="ENDX: geometry alignment of in-batch distributions"),
-    Method("trmd", "distill", "rec_models.trmd:build", ("cross_encoder", "colbert"),
+    Method("trmd", "distill", "rec_models.distill.trmd:build", ("cross_encoder", "colbert"),
            doc="TRMD: two frozen teachers, two student heads"),
-    Method("virt", "distill", "rec_models.virt:build", ("cross_encoder",),
+    Method("virt", "distill", "rec_models.distill.virt:build", ("cross_encoder",),
            doc="VIRT: L2 on attention, attention-weighted pooling"),
-    Method("distilled_dual_encoder", "distill", "rec_models.distilled_dual_encoder:build", ("cross_encoder",),
+    Method("distilled_dual_encoder", "distill", "rec_models.distill.distilled_dual_encoder:build", ("cross_encoder",),
            doc="Distilled-DualEncoder: KL on attention + soft labels"),
-    Method("ernie_search", "distill", "rec_models.ernie_search:build", ("cross_encoder",),
+    Method("ernie_search", "distill", "rec_models.distill.ernie_search:build", ("cross_encoder",),
            doc="ERNIE-Search: cross-encoder -> late interaction -> dual encoder cascade"),
 )}
-
-
-def register(method: Method) -> Method:
-    METHODS[method.name] = method
-    return method
 
 
 def get_method(name: str) -> Method:

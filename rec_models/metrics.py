@@ -78,13 +78,6 @@ def recommended_mask(topk_items: np.ndarray, n_items: int, k: Optional[int] = No
     return mask
 
 
-def coverage_at_k(topk_items: np.ndarray, n_items: int, k: Optional[int] = None) -> float:
-    """Catalogue coverage: distinct items recommended in the top-k of all users / n_items."""
-    if n_items <= 0:
-        return float("nan")
-    return float(recommended_mask(topk_items, n_items, k).mean())
-
-
 def _hits(topk_items: np.ndarray, positives, k: Optional[int]) -> tuple[np.ndarray, np.ndarray]:
     """hits [U, K] bool (rank r of user row u is a positive) and n_pos [U] (distinct positives)."""
     topk = np.asarray(topk_items)

@@ -222,10 +222,6 @@ class FeatureSpec(_Strict):
     def columns(self, features: Iterable[Feature]) -> list[str]:
         return [f.name for f in features]
 
-    def sample_columns(self) -> list[str]:
-        """Columns a training sample carries: inputs, label, weight, and the raw keys."""
-        return [f.name for f in self.features] + ["user_key", "item_key", self.keys.timestamp]
-
     def embedding_table_owner(self, feature: Feature) -> Feature:
         """The feature whose embedding table ``feature`` looks up (sequences share it)."""
         return self.get(feature.vocab_of) if feature.vocab_of else feature

@@ -5,11 +5,13 @@ Test modules import these fixtures by name and set ``METHOD``.
 """
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
 from rec_models.config import load_config
-from rec_models.cross_encoder import CrossEncoder
+from rec_models.models.cross_encoder import CrossEncoder
 
 try:
     from tests.test_models import SIZES, make_batch
@@ -17,8 +19,6 @@ except ImportError:  # plain `pytest`: tests/ itself is on sys.path
     from test_models import SIZES, make_batch
 
 SMALL = ["model.embedding_dim=8", "model.output_dim=8", "model.tower_dims=[16]", "model.teacher_dims=[16]"]
-
-
 
 
 @pytest.fixture(scope="module")
@@ -57,3 +57,28 @@ def teacher(spec, cfg):
     for p in model.parameters():
         p.requires_grad_(False)
     return model.eval()
+
+
+def short_training(model, spec, steps: int = 150) -> tuple[dict, dict, dict[str, torch.Tensor]]:
+    """Train ``model`` for ``steps`` Adam steps on interaction batches; returns its loss
+    logs on a held-out batch before and after, and that batch (the model left in eval
+    mode). Fails if the frozen teacher's weights moved."""
+    torch.manual_seed(3)
+    held_out = interaction_batch(spec, 512, seed=99_999)
+    model.eval()
+    with torch.no_grad():
+        _, before = model.training_loss(held_out, 0)
+    teacher_state = copy.deepcopy(model.teacher.state_dict())
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    for step in range(steps):
+        loss, _ = model.training_loss(interaction_batch(spec, 128, seed=step), step)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        _, after = model.training_loss(held_out, steps)
+    for k, v in model.teacher.state_dict().items():
+        assert torch.equal(v, teacher_state[k]), f"the frozen teacher's {k} changed"
+    return before, after, held_out

@@ -164,7 +164,7 @@ def _expected_per_user_split(ev: pd.DataFrame, valid_fraction: float, test_fract
 
 
 def test_per_user_split_holds_each_users_last_events(spark, tmp_path):
-    from etl.pipeline import load_spec
+    from orchestration.artifacts import load_spec
 
     paths, ev, users, _ = _tables(tmp_path, n_events=600, seed=3)
     cfg = _cfg(tmp_path, paths, ["data.split.scheme=per_user", "data.split.valid_fraction=0.1",

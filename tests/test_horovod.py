@@ -22,9 +22,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from rec_models.backends import BackendUnavailableError, _local_task_slots, check_backend_available, run_training
+from orchestration.spark_training.launchers import BackendUnavailableError, _local_task_slots, check_backend_available, run_training
 from rec_models.config import TrainConf, load_config
-from rec_models.train import TrainJob
+from rec_models.training.loop import TrainJob
 
 INSTALL = "scripts/install_horovod.sh (make horovod)"
 
@@ -74,7 +74,7 @@ def test_config_accepts_the_horovod_backend():
 
 
 def test_missing_horovod_is_an_error_naming_the_install_script(tmp_path, monkeypatch):
-    from rec_models.distributed import HorovodCollective
+    from rec_models.training.distributed import HorovodCollective
 
     for mod in ("horovod", "horovod.spark", "horovod.torch"):
         monkeypatch.setitem(sys.modules, mod, None)      # import raises ImportError
@@ -118,7 +118,7 @@ def test_local_task_slots(master, task_cpus, slots):
 def test_horovod_collective_in_one_process_trains_like_no_collective(horovod):
     """The wiring the loop relies on (broadcasts, DistributedOptimizer with named
     parameters, zero_grad/step) in a world of one, where averaging is the identity."""
-    from rec_models.distributed import HorovodCollective, NoCollective
+    from rec_models.training.distributed import HorovodCollective, NoCollective
 
     def train(collective):
         torch.manual_seed(0)
@@ -148,7 +148,7 @@ def test_horovod_collective_in_one_process_trains_like_no_collective(horovod):
 
 @pytest.fixture(scope="module")
 def features(spark, tmp_path_factory):
-    from etl import pipeline
+    from orchestration import pipeline
 
     tmp = tmp_path_factory.mktemp("hvd")
     base = [f"warehouse.root={tmp / 'wh'}", f"run.output_dir={tmp / 'runs'}", *SMALL]
@@ -158,7 +158,7 @@ def features(spark, tmp_path_factory):
 
 
 def _train(features, backend: str, method: str, name: str, *overrides, teacher_checkpoint=None) -> dict:
-    from etl import pipeline
+    from orchestration import pipeline
 
     tmp, base, spec, _ = features
     cfg = load_config(method=method, overrides=[*base, f"train.backend={backend}", *overrides])
@@ -181,7 +181,7 @@ def _assert_same_run(a: dict, b: dict, tol: float = 1e-6):
 
 
 def _test_predictions(checkpoint: str, files: list[str]) -> tuple[dict, object]:
-    from rec_models.train import load_trained, predict
+    from rec_models.training.loop import load_trained, predict
 
     model, spec, cfg = load_trained(checkpoint)
     return predict(model, files, spec, cfg, torch.device("cpu"))[1], cfg
@@ -238,7 +238,7 @@ def rank1_bad_job(features, tmp_path_factory):
     Eight files of one equal row group each: the loader deals row groups largest first to
     the rank with the fewest rows, lowest rank on ties, so rank 1 gets the odd files.
     """
-    from rec_models.loader import ArrowBatchLoader
+    from rec_models.loaders.arrow import ArrowBatchLoader
 
     _, base, spec, files = features
     tmp = tmp_path_factory.mktemp("bad")

@@ -15,7 +15,7 @@ from etl.inttower_protocol import (ITEM_MEAN, USER_MEAN, add_mean_features, assi
                                    load_inputs, prepare)
 from etl.sources import InputError
 from rec_models.config import ConfigError, ModelConf, load_config
-from rec_models.dcn import DCN, CrossNetwork, DCNParams
+from rec_models.models.dcn import DCN, CrossNetwork, DCNParams
 from rec_models.methods import get_method
 from tests.test_models import Recording, make_batch, spec  # noqa: F401 (fixtures)
 
@@ -287,7 +287,7 @@ def test_protocol_refuses_a_spec_without_its_features_and_bad_variants(inputs):
 # ---- end to end on the real data --------------------------------------------------------------
 @pytest.mark.slow
 def test_end_to_end_on_ml100k(spark, ml100k_dir, tmp_path):
-    from etl import pipeline
+    from orchestration import pipeline
 
     path = str(ml100k_dir)
     cfg = load_config(dataset="ml100k_inttower", method="dssm", overrides=[

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from rec_models.loader import ArrowBatchLoader, LoaderError
+from rec_models.loaders.arrow import ArrowBatchLoader, LoaderError
 from rec_models.spec import FeatureSpec
 
 REPO = Path(__file__).resolve().parents[1]
@@ -354,7 +354,7 @@ def test_abandoned_iterator_does_not_hang_interpreter_exit(dataset):
     script = textwrap.dedent(f"""
         import sys
         sys.path.insert(0, {str(REPO)!r})
-        from rec_models.loader import ArrowBatchLoader
+        from rec_models.loaders.arrow import ArrowBatchLoader
         from rec_models.spec import FeatureSpec
         spec = FeatureSpec.model_validate_json({SPEC.to_json()!r})
         loader = ArrowBatchLoader({files!r}, spec, {COLUMNS!r}, batch_size=2, prefetch_batches=1)

@@ -9,14 +9,15 @@ import torch
 import torch.nn.functional as F
 
 from rec_models.config import ModelConf, load_config
-from rec_models.export import export_student, load_student
-from rec_models.inttower import IntTower, IntTowerModel, LightSE
+from rec_models.serving.export import export_student, load_student
+from rec_models.models.inttower import IntTower, IntTowerModel, LightSE
 from rec_models.losses import in_batch_candidates, in_batch_softmax
 from rec_models.methods import get_method
 from rec_models.metrics import auc
-from rec_models.mvke import MVKE
-from rec_models.scoring import score_all
-from rec_models.youtube_dnn import CALIBRATION_MOMENTUM, YouTubeDNN, YouTubeDNNModel, item_ids
+from rec_models.models.mvke import MVKE
+from rec_models.serving.scoring import score_all
+from rec_models.models.youtube_dnn import CALIBRATION_MOMENTUM, YouTubeDNN, YouTubeDNNModel
+from rec_models.batch import item_ids
 from tests.test_models import Recording, make_batch, spec  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.usefixtures("one_thread")   # conftest: one torch thread

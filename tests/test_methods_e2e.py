@@ -13,7 +13,7 @@ from tests.test_pipeline import SMALL, _Capture, _run_job
 
 pytestmark = pytest.mark.slow
 
-METHODS = ["dssm", "youtube_dnn", "colbert", "inttower", "mvke", "pfd", "endx", "trmd", "virt",
+METHODS = ["dssm", "youtube_dnn", "colbert", "inttower", "mvke", "pfd", "kd", "endx", "trmd", "virt",
            "distilled_dual_encoder", "ernie_search"]
 
 
@@ -49,9 +49,9 @@ def _method_run(shared, results, method):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_method_trains_exports_and_scores_from_tables(shared, results, method):
-    from rec_models.export import load_student
-    from rec_models.loader import arrow_to_tensors
-    from rec_models.scoring import score_pairs
+    from rec_models.serving.export import load_student
+    from rec_models.loaders.arrow import arrow_to_tensors
+    from rec_models.serving.scoring import score_pairs
 
     out = _method_run(shared, results, method)
     m = out["metrics"]

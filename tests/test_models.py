@@ -8,12 +8,14 @@ import pytest
 import torch
 
 from rec_models.config import DistillConf, ModelConf, load_config
-from rec_models.dssm import DSSM
-from rec_models.embeddings import FieldEmbeddings
-from rec_models.export import export_student, load_student
+from rec_models.models.dssm import DSSM
+from rec_models.layers.embeddings import FieldEmbeddings
+from rec_models.serving.export import export_student, load_student
 from rec_models.losses import soft_label_distillation
 from rec_models.metrics import auc
-from rec_models.pfd import PFDModel, PFDTeacher, StudentOnly, TeacherOnly
+from rec_models.distill.pfd import PFDModel
+from rec_models.models.pfd_teacher import PFDTeacher, TeacherOnly
+from rec_models.models.student_only import StudentOnly
 from rec_models.spec import FeatureSpec, PrivilegedLeakError, Role
 
 SIZES = {

@@ -14,10 +14,11 @@ import numpy as np
 import pytest
 import torch
 
-from rec_models import petastorm_loader as pl
+from orchestration.spark_training import petastorm_converter as pc
 from rec_models.config import ConfigError, load_config
-from rec_models.loader import ArrowBatchLoader, LoaderError
-from rec_models.petastorm_loader import PetastormUnavailableError
+from rec_models.loaders import petastorm as pl
+from rec_models.loaders.arrow import ArrowBatchLoader, LoaderError
+from rec_models.loaders.petastorm import PetastormUnavailableError
 
 SMALL = [
     "data.source.synthetic.n_users=300", "data.source.synthetic.n_items=200",
@@ -66,7 +67,7 @@ def test_job_with_petastorm_fails_before_etl_where_it_cannot_run(tmp_path, capsy
     if reason is None:
         pytest.skip("Petastorm can run here (the petastorm lane): the error path is for pyspark 4 environments")
     from jobs import train_teacher
-    from rec_models.loader_factory import make_train_loader
+    from rec_models.loaders.factory import make_train_loader
 
     argv = []
     for item in [f"warehouse.root={tmp_path / 'wh'}", f"run.output_dir={tmp_path / 'runs'}", "train.loader=petastorm"]:
@@ -80,7 +81,7 @@ def test_job_with_petastorm_fails_before_etl_where_it_cannot_run(tmp_path, capsy
     # a worker handed such a job says the same, whatever the job carries
     cfg = load_config(overrides=["train.loader=petastorm"])
     with pytest.raises(PetastormUnavailableError, match="pyarrow < 15"):
-        make_train_loader(None, cfg.spec, [], 0, 1, cfg)
+        make_train_loader([], None, cfg.spec, [], 0, 1, cfg)
 
 
 # ---- the petastorm lane ----------------------------------------------------------------------
@@ -106,14 +107,14 @@ def _layout(batch: dict) -> list:
 
 
 def test_one_rank_yields_the_train_split_as_arrow_loader_does(built, spark):
-    from etl import pipeline
-    from rec_models.train import model_columns
+    from orchestration import pipeline
+    from rec_models.training.loop import model_columns
 
     tmp, cfg, spec = built
     columns = model_columns(spec)
     arrow = list(ArrowBatchLoader(pipeline.training_files(cfg, spec)["train"], spec, columns, 1000,
                                   shuffle=False, drop_last=False))
-    converter = pl.make_train_converter(spark, cfg, spec, columns, str(tmp / "cache1"), world_size=1)
+    converter = pc.make_train_converter(spark, cfg, spec, columns, str(tmp / "cache1"), world_size=1)
     try:
         loader = pl.PetastormLoader(converter, spec, columns, 1000, drop_last=False)
         batches = list(loader)
@@ -131,14 +132,14 @@ def test_one_rank_yields_the_train_split_as_arrow_loader_does(built, spark):
 
 
 def test_two_ranks_equal_batch_counts_disjoint_shards_new_order_per_epoch(built, spark):
-    from etl import pipeline
-    from rec_models.train import model_columns
+    from orchestration import pipeline
+    from rec_models.training.loop import model_columns
 
     tmp, cfg, spec = built
     columns = model_columns(spec)
     files = pipeline.training_files(cfg, spec)["train"]
     train = _rows(list(ArrowBatchLoader(files, spec, columns, 4096, shuffle=False, drop_last=False)), columns)
-    converter = pl.make_train_converter(spark, cfg, spec, columns, str(tmp / "cache2"), world_size=2)
+    converter = pc.make_train_converter(spark, cfg, spec, columns, str(tmp / "cache2"), world_size=2)
     try:
         loaders = [pl.PetastormLoader(converter, spec, columns, 500, rank=r, world_size=2, seed=3) for r in (0, 1)]
         shards = loaders[0].rank_rows
@@ -162,7 +163,7 @@ def test_two_ranks_equal_batch_counts_disjoint_shards_new_order_per_epoch(built,
             pl.PetastormLoader(converter, spec, columns, 500, rank=0, world_size=3)
     finally:
         converter.delete()
-    narrow = pl.make_train_converter(spark, cfg, spec, ["user_id", "label"], str(tmp / "cache2"))
+    narrow = pc.make_train_converter(spark, cfg, spec, ["user_id", "label"], str(tmp / "cache2"))
     try:
         with pytest.raises(LoaderError, match=r"columns \['item_id'\] are not in the Petastorm cache"):
             pl.PetastormLoader(narrow, spec, ["user_id", "item_id", "label"], 500)
@@ -177,7 +178,7 @@ def _train_cfg(built, *overrides):
 
 
 def test_local_training_through_the_pipeline(built):
-    from etl import pipeline
+    from orchestration import pipeline
 
     _, _, spec = built
     cfg = _train_cfg(built, "run.name=pst_local")
@@ -192,8 +193,8 @@ def test_local_training_through_the_pipeline(built):
 
 
 def test_converter_files_are_deleted_when_training_fails(built, monkeypatch):
-    from etl import pipeline
-    from rec_models import backends
+    from orchestration import pipeline
+    from orchestration.spark_training import launchers as backends
 
     _, _, spec = built
     cfg = _train_cfg(built, "run.name=pst_fail")
@@ -209,7 +210,7 @@ def test_converter_files_are_deleted_when_training_fails(built, monkeypatch):
     monkeypatch.setattr(backends, "run_training", fail)
     with pytest.raises(RuntimeError, match="worker lost"):
         pipeline.train(cfg, spec, "dssm", out, "r2")
-    assert isinstance(seen["job"], pl.PetastormTrainJob)
+    assert isinstance(seen["job"], pc.PetastormTrainJob)
     assert seen["cache"].startswith("file://" + os.path.join(out, "petastorm_cache") + "/")
     assert not os.path.exists(seen["cache"][len("file://"):])
 
@@ -217,7 +218,7 @@ def test_converter_files_are_deleted_when_training_fails(built, monkeypatch):
 @pytest.mark.slow
 def test_torch_distributor_two_ranks_through_the_pipeline(built):
     """Two gloo processes, each reading its Petastorm shard from the converter in the job."""
-    from etl import pipeline
+    from orchestration import pipeline
 
     _, _, spec = built
     cfg = _train_cfg(built, "run.name=pst_td", "train.backend=torch_distributor", "train.num_processes=2")

@@ -140,8 +140,8 @@ def test_restore_best_epoch_keeps_the_epoch_of_best_validation_auc(pfd_run, monk
     its test metrics are epoch 1's; without the option they are the last epoch's."""
     import torch
 
-    from etl import pipeline
-    from rec_models import train
+    from orchestration import pipeline
+    from rec_models.training import loop as train
     from rec_models.config import load_config
 
     tmp, _ = pfd_run
@@ -185,7 +185,7 @@ def test_restore_best_epoch_keeps_the_epoch_of_best_validation_auc(pfd_run, monk
 def test_torch_distributor_backend_trains_two_ranks(pfd_run, capsys):
     """Same job, Spark's TorchDistributor with 2 gloo processes; its checkpoint loads locally."""
     from jobs import train_teacher
-    from rec_models.train import load_trained
+    from rec_models.training.loop import load_trained
 
     tmp, first = pfd_run
     result = _run_job(train_teacher, tmp, capsys, "run.name=td", "train.backend=torch_distributor",
@@ -196,7 +196,7 @@ def test_torch_distributor_backend_trains_two_ranks(pfd_run, capsys):
 
 
 def test_embedding_job_reads_only_public_tower_inputs(pfd_run, monkeypatch):
-    from etl import embeddings, pipeline
+    from orchestration import embeddings, pipeline
     from rec_models.config import load_config
 
     tmp, first = pfd_run
@@ -217,8 +217,8 @@ def test_embedding_job_reads_only_public_tower_inputs(pfd_run, monkeypatch):
 
 
 def test_embedding_job_refuses_a_tower_that_reads_privileged_columns(pfd_run, monkeypatch):
-    from etl import embeddings
-    from rec_models import export
+    from orchestration import embeddings
+    from rec_models.serving import export
     from rec_models.config import load_config
     from rec_models.spec import PrivilegedLeakError
 
@@ -243,7 +243,8 @@ def delta_io_spark():
 def test_failed_rebuild_keeps_the_pinned_snapshot_readable(pfd_run, spark, monkeypatch):
     """The spec names the table versions it was built with: a rebuild that dies after
     rewriting some tables leaves the previous spec and its snapshot intact for training."""
-    from etl import build, pipeline
+    from etl import build
+    from orchestration import pipeline
     from rec_models.config import load_config
 
     tmp, _ = pfd_run

@@ -1,0 +1,81 @@
+"""VIRT (Li et al., "VIRT: Improving Representation-based Models for Text Matching through
+Virtual Interaction", arXiv 2021), on feature-field tokens.
+
+Teacher: the frozen cross-encoder. Its last layer's user -> item attention block
+A_t [B, Fu, Fi] (heads averaged, rows renormalised to sum to 1) is the interaction that
+a two-tower model cannot compute. Student: ``TokenDualEncoder`` with attention pooling
+(VIRT's attention-weighted representation of the last layer's states).
+
+    H_u = Enc_u(tokens_u),  H_v = Enc_v(tokens_v)                 towers, each side alone
+    A_s = softmax_{item tokens}(H_u H_v^T / sqrt(D))   [B, Fu, Fi] virtual attention (training only)
+    u = normalize(W_u sum_f a_f H_u[f]),  a = softmax_f(<q_u, H_u[f]> / sqrt(D))    (same for v)
+    s = exp(log_s) <u, v> + b
+    L = BCE(s, y) + attn_weight * mean_b || A_s[b] - A_t[b] ||_F^2
+
+The virtual attention exists at training time only: it lets the towers learn states whose
+dot products reproduce the teacher's cross attention, so the interaction knowledge is
+baked into each side's representation. Serving is a pure dual encoder (score kind ``dot``).
+The paper distils every layer's attention; the student here has its own (usually
+shallower) stack, so only the last layer's states are aligned with the teacher's last layer.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from rec_models.batch import Batch
+from rec_models.config import ModelConf, parse_params
+from rec_models.distill.base import CrossTeacherDistill, cross_teacher, student_params
+from rec_models.losses import bce, weighted_mean
+from rec_models.models.cross_encoder import CrossEncoder
+from rec_models.models.dual_encoder import TokenDualEncoder
+from rec_models.spec import FeatureSpec
+
+
+# ---- losses ------------------------------------------------------------------------------
+def attention_l2(student_attention: torch.Tensor, teacher_attention: torch.Tensor,
+                 weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """VIRT's attention distillation: squared Frobenius distance, mean over the batch.
+
+    L = mean_w_b[ sum_{a, c} (A_s[b, a, c] - stopgrad(A_t[b, a, c]))^2 ]      A: [B, Fu, Fi]
+
+    Zero iff A_s == A_t; the teacher map is detached here, so this never trains the teacher.
+    """
+    diff = student_attention - teacher_attention.detach()
+    return weighted_mean(diff.pow(2).sum((-2, -1)), weight)
+
+
+# ---- VIRT --------------------------------------------------------------------------------
+class VIRTParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    attn_weight: float = Field(1.0, ge=0)   # weight of the attention L2 term
+    layers: int = Field(1, ge=1)            # student tower transformer layers
+    heads: int = Field(2, ge=1)
+
+
+class VIRTModel(CrossTeacherDistill):
+    """Heads "teacher" (cross-encoder) and "student"; ``.student`` is the servable dual encoder."""
+
+    def __init__(self, spec: FeatureSpec, model_conf: ModelConf, teacher: CrossEncoder,
+                 params: Optional[dict] = None):
+        p = parse_params(VIRTParams, params, "virt")
+        # attention pooling: VIRT's attention-weighted representation
+        student = TokenDualEncoder(spec, model_conf, student_params(p.layers, p.heads, "attention"))
+        super().__init__(spec, teacher, student)
+        self.params = p
+
+    def training_loss(self, batch: Batch, step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        """L = BCE(s, y) + attn_weight * attention_l2(A_s, A_t)."""
+        label, weight = self.label_weight(batch)
+        teacher = self.teacher_outputs(batch)
+        logit, hu, hv = self.student_pass(batch)
+        loss_student = bce(logit, label, weight)
+        loss_attn = attention_l2(TokenDualEncoder.virtual_attention(hu, hv), teacher.attention, weight)
+        loss = loss_student + self.params.attn_weight * loss_attn
+        return loss, {"loss": loss.item(), "loss_student": loss_student.item(), "loss_attn": loss_attn.item()}
+
+
+def build(spec: FeatureSpec, cfg, teachers) -> VIRTModel:
+    return VIRTModel(spec, cfg.model, cross_teacher(teachers, "virt"), cfg.distill.params)

@@ -1,0 +1,74 @@
+"""Exact top-K retrieval from stored vectors (any score kind), in bounded memory.
+
+Users come in batches and items in chunks: each chunk's top-K is merged into a running
+top-K, so memory is O(users_batch x (K + chunk)), never users x items. Items a user must
+not get back (e.g. seen in training) are given as sparse (row, item) pairs, sorted by item
+once, so each chunk sets its own pairs to -inf with one slice and one index_put.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from rec_models.serving.scoring import score_all
+
+_BUDGET_ELEMENTS = 1 << 27   # about 512 MiB of float32 intermediate scores
+
+Exclusion = Union[torch.Tensor, Sequence]   # dense bool [U, I] mask, or (rows, items) index arrays
+
+
+def top_k(users: torch.Tensor, items: torch.Tensor, k: int, item_chunk: int = 262_144,
+          exclude: Optional[Exclusion] = None, score_kind: str = "dot") -> torch.Tensor:
+    """Indices [U, min(k, I)] of the items with the best score (``rec_models.serving.scoring``), best first.
+
+    ``exclude``: items not to return, as ``(rows, items)`` index arrays (user row in
+    ``users``, item index) -- memory O(pairs), so it scales to any catalogue -- or a
+    dense bool [U, I] mask (small catalogues). A user with fewer than k items left gets
+    -1 in the remaining columns.
+    """
+    k = min(k, items.shape[0])
+    excl = _exclusion_pairs(exclude, users.shape[0], items.shape[0])
+    # multi-vector kinds materialise U x chunk x (token pairs) similarities: bound that
+    per_pair = 1 if score_kind == "dot" else max(1, (users[0].numel() * items[0].numel()) // users.shape[-1])
+    item_chunk = max(1, min(item_chunk, _BUDGET_ELEMENTS // max(1, users.shape[0] * per_pair)))
+    best_scores = torch.full((users.shape[0], 0), float("-inf"), dtype=users.dtype)
+    best_idx = torch.zeros((users.shape[0], 0), dtype=torch.long)
+    for start in range(0, items.shape[0], item_chunk):
+        scores = score_all(score_kind, users, items[start:start + item_chunk])
+        if excl is not None:
+            rows, cols = excl
+            lo, hi = torch.searchsorted(cols, torch.tensor([start, start + scores.shape[1]])).tolist()
+            if hi > lo:   # score_all returns a fresh tensor: safe to write into
+                scores[rows[lo:hi], cols[lo:hi] - start] = float("-inf")
+        idx = torch.arange(start, start + scores.shape[1]).expand_as(scores)
+        scores = torch.cat([best_scores, scores], dim=1)
+        idx = torch.cat([best_idx, idx], dim=1)
+        best_scores, pos = scores.topk(min(k, scores.shape[1]), dim=1)
+        best_idx = idx.gather(1, pos)
+    if excl is not None:
+        best_idx = best_idx.masked_fill(best_scores == float("-inf"), -1)
+    return best_idx
+
+
+def _exclusion_pairs(exclude, n_users: int, n_items: int):
+    """(rows, items) as long tensors sorted by item, so a chunk's pairs are one slice."""
+    if exclude is None:
+        return None
+    if isinstance(exclude, torch.Tensor):
+        if exclude.dtype != torch.bool or tuple(exclude.shape) != (n_users, n_items):
+            raise ValueError(f"a dense exclude mask must be bool [{n_users}, {n_items}], "
+                             f"got {exclude.dtype} {tuple(exclude.shape)}")
+        rows, cols = exclude.nonzero(as_tuple=True)
+    else:
+        if len(exclude) != 2:
+            raise ValueError("exclude must be a bool mask or a (rows, items) pair of index arrays")
+        rows, cols = (torch.as_tensor(np.asarray(a), dtype=torch.long).reshape(-1) for a in exclude)
+        if rows.shape != cols.shape:
+            raise ValueError(f"exclude: {rows.numel()} rows but {cols.numel()} items")
+        if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= n_users
+                             or int(cols.min()) < 0 or int(cols.max()) >= n_items):
+            raise ValueError(f"exclude: rows must lie in [0, {n_users}) and items in [0, {n_items})")
+    order = torch.argsort(cols, stable=True)
+    return rows[order], cols[order]
