@@ -24,7 +24,9 @@ import datetime as _dt
 import json
 import math
 import os
+import re
 import time
+import urllib.parse
 import uuid
 from typing import Iterator, Optional
 
@@ -32,6 +34,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+
+from rec_models.config import BadInputError, ConfigError, InputNotFoundError
 
 WRITERS = ("auto", "spark", "delta_rs")
 MODES = ("overwrite", "append")
@@ -46,6 +50,21 @@ _PRODUCERS = {"embeddings": "jobs/write_embeddings", "features": "the ETL job (e
               "samples": "the ETL job (etl/)"}
 _RESULT_SCHEMA = ("path string, size long, partition_values string, "
                   "modification_time long, stats string, num_records long")
+COMMIT_ATTEMPTS = 5                  # a commit that lost a race is retried this often in all
+UNCOMMITTED_MIN_AGE_S = 3600         # a data file no log names is removed once older than this
+_WRITE_ID_KEY = "dtt_write_id"       # commit metadata naming the write: its own version is found by it
+_OWN_FILE = re.compile(r"^part-[0-9a-f]{32}-")
+
+
+class MissingColumnsError(BadInputError, KeyError):
+    """Columns asked for are not in the table (a KeyError as before, and a user error)."""
+
+    def __str__(self) -> str:   # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class DeltaConflictError(RuntimeError):
+    """A commit kept losing to concurrent writers of the same table (the message names it)."""
 
 
 # ---------------------------------------------------------------- session capabilities
@@ -79,12 +98,12 @@ def has_native_delta(spark) -> bool:
 def resolve_writer(spark, writer: str = "auto") -> str:
     """Map ``warehouse.writer`` to the path used: ``spark`` or ``delta_rs``."""
     if writer not in WRITERS:
-        raise ValueError(f"unknown Delta writer '{writer}'; known: {', '.join(WRITERS)}")
+        raise ConfigError(f"unknown Delta writer '{writer}'; known: {', '.join(WRITERS)}")
     if writer == "delta_rs":
         return writer
     native = has_native_delta(spark)
     if writer == "spark" and not native:
-        raise RuntimeError(
+        raise ConfigError(
             "warehouse.writer='spark' needs a session with native Delta (Databricks, or "
             "delta-spark jars with spark.sql.extensions=io.delta.sql.DeltaSparkSessionExtension); "
             "this session has none: use writer 'delta_rs' or 'auto'")
@@ -113,11 +132,11 @@ def _open(uri: str, version: Optional[int] = None):
     if not DeltaTable.is_deltatable(uri):
         name = uri.rstrip("/").rsplit("/", 1)[-1]
         job = next((j for k, j in _PRODUCERS.items() if k in name), "the job that writes it")
-        raise FileNotFoundError(f"no Delta table at {uri} (no _delta_log there): run {job} first")
+        raise InputNotFoundError(f"no Delta table at {uri} (no _delta_log there): run {job} first")
     try:
         return DeltaTable(uri, version=version)
     except Exception as exc:  # delta-rs raises its own errors for a vacuumed / unknown version
-        raise FileNotFoundError(f"Delta table {uri} has no readable version {version}: {exc}") from None
+        raise InputNotFoundError(f"Delta table {uri} has no readable version {version}: {exc}") from None
 
 
 def table_version(uri: str) -> int:
@@ -144,7 +163,7 @@ def snapshot_files(uri: str, partition_filters: Optional[list[tuple]] = None,
 def _check_columns(columns, names: list[str], uri: str) -> None:
     missing = [c for c in (columns or []) if c not in names]
     if missing:
-        raise KeyError(f"columns {missing} not in Delta table {uri}; it has {names}")
+        raise MissingColumnsError(f"columns {missing} not in Delta table {uri}; it has {names}")
 
 
 def read_arrow(uri: str, columns: Optional[list[str]] = None,
@@ -250,6 +269,7 @@ def _replace_where(replace_partitions: dict) -> str:
 
 
 def _write_native(df, uri, mode, partition_by, replace_partitions, commit_metadata) -> int:
+    write_id = uuid.uuid4().hex
     w = df.write.format("delta").mode(mode)
     if partition_by:
         w = w.partitionBy(*partition_by)
@@ -257,11 +277,42 @@ def _write_native(df, uri, mode, partition_by, replace_partitions, commit_metada
         w = w.option("replaceWhere", _replace_where(replace_partitions))
     elif mode == "overwrite":
         w = w.option("overwriteSchema", "true")   # as on the delta_rs path: a full overwrite may change the schema
-    if commit_metadata:
-        w = w.option("userMetadata", json.dumps(commit_metadata))
-    w.save(uri)
-    history = df.sparkSession.sql(f"DESCRIBE HISTORY delta.`{uri}` LIMIT 1").first()
-    return int(history["version"])
+    w = w.option("userMetadata", json.dumps({**(commit_metadata or {}), _WRITE_ID_KEY: write_id}))
+    # Delta's own conflict detection lets disjoint replaceWhere writes through; a write that
+    # lost a real race is idempotent here (overwrite) or was not committed (append): retry
+    _retry_conflicts(uri, lambda attempt: w.save(uri))
+    # the version this write committed, found by its id (the latest may be another writer's)
+    rows = df.sparkSession.sql(f"DESCRIBE HISTORY delta.`{uri}` LIMIT 100").select("version", "userMetadata").collect()
+    for row in rows:
+        if row["userMetadata"] and write_id in row["userMetadata"]:
+            return int(row["version"])
+    raise RuntimeError(f"Delta table {uri}: the write {write_id} committed, but its version is not among the "
+                       "last 100 of the table's history")
+
+
+def _is_conflict(exc: BaseException) -> bool:
+    """A commit that lost a race to another writer (nothing of it was committed)."""
+    text = f"{type(exc).__name__}: {exc}"
+    return ("CommitFailedError" in text or "Concurrent" in text or "concurrent transaction" in text
+            or "already exists" in text)
+
+
+def _retry_conflicts(uri: str, commit, attempts: Optional[int] = None):
+    """Run ``commit(attempt)`` until it stops losing commit races, at most ``attempts`` times
+    (jittered backoff); then a DeltaConflictError that names the table."""
+    attempts = attempts or COMMIT_ATTEMPTS
+    for attempt in range(attempts):
+        try:
+            return commit(attempt)
+        except Exception as exc:
+            if not _is_conflict(exc):
+                raise
+            if attempt == attempts - 1:
+                raise DeltaConflictError(
+                    f"Delta table {uri}: the commit lost to concurrent writers {attempts} times in a row "
+                    f"({type(exc).__name__}: {str(exc).splitlines()[0]}); nothing of this write was committed, "
+                    "rerun the job") from exc
+            time.sleep(min(2.0, 0.05 * 2 ** attempt) * (0.5 + uuid.uuid4().int % 1000 / 1000))
 
 
 def _is_string_view(t: pa.DataType) -> bool:
@@ -314,9 +365,9 @@ def _check_compatible(dt, schema: pa.Schema, part_cols: list[str], uri: str) -> 
     if old != new:
         diff = sorted({c for c in old.keys() | new.keys() if old.get(c) != new.get(c)})
         detail = "; ".join(f"{c}: table {old.get(c, '-')} vs data {new.get(c, '-')}" for c in diff)
-        raise ValueError(f"schema of the data does not match Delta table {uri} in columns {diff} ({detail})")
+        raise BadInputError(f"schema of the data does not match Delta table {uri} in columns {diff} ({detail})")
     if list(dt.metadata().partition_columns) != list(part_cols):
-        raise ValueError(f"Delta table {uri} is partitioned by {list(dt.metadata().partition_columns)}, "
+        raise BadInputError(f"Delta table {uri} is partitioned by {list(dt.metadata().partition_columns)}, "
                          f"the write by {list(part_cols)}")
 
 
@@ -361,33 +412,62 @@ def _write_delta_rs(df, uri, mode, partition_by, replace_partitions, commit_meta
 
     write_id = uuid.uuid4().hex
     task = _task_fn(uri, write_id, schema, part_cols, expected)
+    metadata = {**(commit_metadata or {}), _WRITE_ID_KEY: write_id}
+    existed = dt is not None
     try:
         rows = df.mapInArrow(task, _RESULT_SCHEMA).collect()   # one small row per file
         actions = [_add_action(r) for r in rows]
-        _commit(uri, dt, schema, part_cols, mode, expected, actions, commit_metadata)
+
+        def commit(attempt: int) -> None:
+            table = dt
+            if attempt:   # lost a race: commit the same files against the table as it is now
+                table = DeltaTable(uri) if table_exists(uri) else None
+                if table is not None and (mode == "append" or replace_partitions):
+                    _check_compatible(table, schema, part_cols, uri)
+            _commit(uri, table, schema, part_cols, mode, expected, actions, metadata)
+
+        _retry_conflicts(uri, commit)
     except BaseException:
-        _cleanup(uri, write_id, keep=_committed(uri, write_id), table_existed=dt is not None)
+        keep = _committed(uri, write_id)
+        if keep is not None:   # unsure whether the commit landed: keep every file
+            _cleanup(uri, write_id, keep=keep, table_existed=existed)
         raise
+    folders = {r["path"].rpartition("/")[0] for r in rows}
     # Files of failed or speculative task attempts that no committed action names; only the
     # folders this write used are listed (a whole-table listing can be slow on object stores).
-    _cleanup(uri, write_id, keep={r["path"] for r in rows}, table_existed=True,
-             folders={r["path"].rpartition("/")[0] for r in rows})
-    return DeltaTable(uri).version()
+    _cleanup(uri, write_id, keep={r["path"] for r in rows}, table_existed=True, folders=folders)
+    remove_uncommitted_files(uri, folders=folders | {""})   # leftovers of killed writes, old enough
+    return _own_version(uri, write_id)
+
+
+def _own_version(uri: str, write_id: str) -> int:
+    """The version the write ``write_id`` committed, from the table's history (another
+    writer may have committed after it: the latest version is not necessarily this one)."""
+    from deltalake import DeltaTable
+
+    for entry in DeltaTable(uri).history(limit=100):
+        if entry.get(_WRITE_ID_KEY) == write_id:
+            return int(entry["version"])
+    raise RuntimeError(f"Delta table {uri}: the write {write_id} committed, but its version is not among "
+                       "the last 100 of the table's history")
 
 
 def _table_schema(dt) -> pa.Schema:
     return pa.schema([pa.field(f.name, _nullable(f.type)) for f in pa.schema(dt.schema().to_arrow())])
 
 
-def _committed(uri: str, write_id: str) -> set[str]:
-    """This write's files that a commit names anyway (it raised after committing): never delete those."""
+def _committed(uri: str, write_id: str) -> Optional[set[str]]:
+    """This write's files that a commit names anyway (it raised after committing): never
+    delete those. None when that cannot be told (the log is unreadable): keep everything."""
     try:
         from deltalake import DeltaTable
 
+        if not DeltaTable.is_deltatable(uri):
+            return set()
         paths = pa.table(DeltaTable(uri).get_add_actions()).column("path").to_pylist()
         return {p for p in paths if write_id in p}
     except Exception:
-        return set()
+        return None
 
 
 def _add_action(row):
@@ -449,6 +529,64 @@ def _cleanup(uri: str, write_id: str, keep: set[str], table_existed: bool,
             _quiet(fs.delete_dir, d)
     if not table_existed and not fs.get_file_info(pafs.FileSelector(root, allow_not_found=True)):
         _quiet(fs.delete_dir, root)
+
+
+def _logged_paths(fs, root: str) -> Optional[set[str]]:
+    """Every data file path any version of the table's log names (add or remove, JSON
+    commits and checkpoints), raw and URL-decoded; None if the log cannot be read whole."""
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(f"{root}/_delta_log", allow_not_found=True))
+        paths: set[str] = set()
+        for info in infos:
+            name = info.base_name
+            if name.endswith(".json") and name.split(".")[0].isdigit():
+                with fs.open_input_stream(info.path) as fh:
+                    for line in fh.read().decode("utf-8").splitlines():
+                        action = json.loads(line) if line.strip() else {}
+                        for kind in ("add", "remove"):
+                            if kind in action:
+                                paths.add(action[kind]["path"])
+            elif ".checkpoint" in name and name.endswith(".parquet"):
+                with fs.open_input_file(info.path) as fh:
+                    table = pq.read_table(fh, columns=["add", "remove"])
+                for kind in ("add", "remove"):
+                    paths.update(v["path"] for v in table.column(kind).to_pylist() if v and v.get("path"))
+    except Exception:
+        return None
+    return paths | {urllib.parse.unquote(p) for p in paths}
+
+
+def remove_uncommitted_files(uri: str, min_age_seconds: float = UNCOMMITTED_MIN_AGE_S,
+                             folders: Optional[set[str]] = None) -> list[str]:
+    """Delete this project's data files (``part-<write id>-...``) that no version of the
+    table's log names and that are older than ``min_age_seconds``: what a killed write left.
+    A younger file may belong to a write still running, so it stays; when the log cannot be
+    read whole nothing is deleted. ``folders`` (relative to the table, "" its root): look
+    only there; default the whole table. Returns the relative paths deleted."""
+    try:
+        fs, root = pafs.FileSystem.from_uri(_norm_uri(uri))
+        if folders is None:
+            infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
+        else:
+            infos = [i for f in sorted(folders) for i in fs.get_file_info(
+                pafs.FileSelector(f"{root}/{f}".rstrip("/"), allow_not_found=True))]
+    except Exception:
+        return []
+    candidates = [i for i in infos if i.type == pafs.FileType.File and _OWN_FILE.match(i.base_name)
+                  and not i.path[len(root):].lstrip("/").startswith("_delta_log")]
+    if not candidates:
+        return []
+    logged = _logged_paths(fs, root)
+    if logged is None:
+        return []
+    now, deleted = time.time(), []
+    for info in candidates:
+        rel = info.path[len(root):].lstrip("/")
+        age = now - info.mtime.timestamp() if info.mtime else 0.0
+        if rel not in logged and age >= min_age_seconds:
+            _quiet(fs.delete_file, info.path)
+            deleted.append(rel)
+    return deleted
 
 
 def _quiet(fn, *args) -> None:

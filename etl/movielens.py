@@ -29,6 +29,8 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
+from rec_models.config import BadInputError
+
 ML100K_GENRES = ("unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime",
                  "Documentary", "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery",
                  "Romance", "Sci-Fi", "Thriller", "War", "Western")
@@ -55,7 +57,7 @@ _SCHEMAS = {
 _RECBOLE_TYPES = {"token": "string", "token_seq": "string", "float": "double", "float_seq": "string"}
 
 
-class MovieLensFormatError(ValueError):
+class MovieLensFormatError(BadInputError):
     """The file is not in the format its dataset conf says (message names file and column)."""
 
 

@@ -11,6 +11,7 @@ from pyspark.sql import Column, DataFrame, Window
 from pyspark.sql import functions as F
 
 from etl.encoders import pad_list, split_tokens
+from rec_models.config import ConfigError
 from rec_models.spec import Feature, FeatureSpec
 
 CTR_PRIOR_STRENGTH = 5.0   # pseudo-impressions of the smoothed CTR
@@ -128,7 +129,7 @@ def _category_statistic(f: Feature, frame, event: Column, click: Column, prior_c
         return _smoothed_mean(clicks, shown, prior_ctr, CTR_PRIOR_STRENGTH)
     if f.derive == "user_category_mean_dwell":
         return F.avg(F.when(event & (click == 1), F.log1p(F.col("dwell_time")))).over(frame)
-    raise ValueError(f"feature '{f.name}': unknown derivation '{f.derive}'")
+    raise ConfigError(f"feature '{f.name}': unknown derivation '{f.derive}'")
 
 
 def _empty_value(f: Feature, priors: dict[str, Column], label: str) -> Column:

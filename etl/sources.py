@@ -9,16 +9,18 @@ and ``dwell_time`` (seconds, null for non-clicks).
 """
 from __future__ import annotations
 
+import glob
+import os
 from typing import Optional
 
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from rec_models.config import DataConf, LabelFrom, TableSource
+from rec_models.config import BadInputError, DataConf, LabelFrom, TableSource
 
 
-class InputError(ValueError):
+class InputError(BadInputError):
     """Bad input data: the message names the table, the column and what is wrong."""
 
 
@@ -35,7 +37,11 @@ def load_sources(spark: SparkSession, data: DataConf) -> tuple[DataFrame, Option
         events = label_from_rating(events, src.label_from, data.feature_spec.label.name)
     users = read_source(spark, src.users, "users") if src.users else None
     items = read_source(spark, src.items, "items") if src.items else None
-    events = _canonical_keys(events, "events", (keys.user, keys.item), timestamp=keys.timestamp)
+    # scheme random needs no time: events without a time column are then allowed, and
+    # etl.build refuses the point-in-time features that would need one
+    no_time_ok = data.split.scheme == "random" and keys.timestamp not in events.columns
+    events = _canonical_keys(events, "events", (keys.user, keys.item),
+                             timestamp=None if no_time_ok else keys.timestamp, path=src.events.path)
     if users is not None:
         users = _canonical_keys(users, "users", (keys.user,))
     if items is not None:
@@ -43,7 +49,21 @@ def load_sources(spark: SparkSession, data: DataConf) -> tuple[DataFrame, Option
     return events, users, items
 
 
+def _check_path_exists(path: str, table: str) -> None:
+    """A local input path that does not exist: one line naming it, before Spark (whose
+    error comes after a long Java trace). Remote URIs (s3://, dbfs:/...) are left to Spark."""
+    local = path[len("file:"):] if path.startswith("file:") else path
+    if "://" in path and not path.startswith("file:"):
+        return
+    if any(ch in local for ch in "*?["):
+        if not glob.glob(local):
+            raise InputError(f"{table} table: no file matches data.source.{table}.path={path}")
+    elif not os.path.exists(local):
+        raise InputError(f"{table} table: input path {path} does not exist (data.source.{table}.path)")
+
+
 def read_source(spark: SparkSession, source: TableSource, table: str) -> DataFrame:
+    _check_path_exists(source.path, table)
     if source.format == "delta":
         from etl.delta_io import read_table
 
@@ -63,7 +83,8 @@ def read_source(spark: SparkSession, source: TableSource, table: str) -> DataFra
         try:
             df = reader.format(source.format).load(source.path)
         except Exception as exc:  # Spark's AnalysisException: path missing, unreadable...
-            raise InputError(f"cannot read the {table} table ({source.format}) at {source.path}: {exc}") from None
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]   # not the Java trace
+            raise InputError(f"cannot read the {table} table ({source.format}) at {source.path}: {first}") from None
     missing = sorted(c for c in source.columns.values() if c not in df.columns)
     if missing:
         raise InputError(
@@ -96,10 +117,18 @@ def label_from_rating(events: DataFrame, conf: LabelFrom, label: str) -> DataFra
     return events.withColumn(label, F.when(value.isNotNull(), (value >= conf.positive_min).cast("int")))
 
 
-def _canonical_keys(df: DataFrame, table: str, ids: tuple[str, ...], timestamp: Optional[str] = None) -> DataFrame:
+def _canonical_keys(df: DataFrame, table: str, ids: tuple[str, ...], timestamp: Optional[str] = None,
+                    path: Optional[str] = None) -> DataFrame:
     """Ids as strings; the event time as integer seconds."""
     key_columns = ids + ((timestamp,) if timestamp else ())
     missing = [c for c in key_columns if c not in df.columns]
+    if timestamp in missing:
+        where = f" at {path}" if path else ""
+        raise InputError(
+            f"{table} table{where}: no time column '{timestamp}'; it has: {', '.join(df.columns)}. "
+            f"If one of these columns holds the event time, map it with "
+            f"data.source.{table}.columns.{timestamp}=<column>; if the data has no time at all, set "
+            f"data.split.scheme=random (a seeded random split; point-in-time features are then refused)")
     if missing:
         raise InputError(f"{table} table: required column(s) {', '.join(missing)} missing; "
                          f"it has: {', '.join(df.columns)} (map them in data.source.{table}.columns)")

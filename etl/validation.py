@@ -45,8 +45,40 @@ def entity_columns(spec: FeatureSpec, source: str) -> list[str]:
     return [f.name for f in spec.features if f.source == source and f.kind != Kind.sequence]
 
 
+def numeric_feature_columns(spec: FeatureSpec, table: str) -> list[str]:
+    """Raw numeric columns of ``table`` ('events', 'users', 'items') the FeatureSpec encodes:
+    numeric features read from it, and (events) the weight column."""
+    cols = [f.name for f in spec.features if f.source == table and f.kind == Kind.numeric]
+    if table == "events" and spec.weight is not None and spec.weight.name not in cols:
+        cols.append(spec.weight.name)
+    return cols
+
+
+def _check_numeric_types(df: DataFrame, table: str, columns: list[str]) -> None:
+    """Numeric features must arrive numeric: a string column is named here, with how many of
+    its values do not parse, instead of failing later inside a cast (CAST_INVALID_INPUT)."""
+    for column in columns:
+        if column not in df.columns:   # not a raw column here (computed later, e.g. etl/inttower_protocol.py)
+            continue
+        dtype = df.schema[column].dataType
+        if isinstance(dtype, (T.NumericType, T.BooleanType)):
+            continue
+        hint = ""
+        if isinstance(dtype, T.StringType):
+            parsed = F.expr(f"try_cast(`{column}` AS double)")
+            bad = df.where(F.col(column).isNotNull() & parsed.isNull()).select(column)
+            examples = [repr(r[column]) for r in bad.limit(3).collect()]
+            n_bad = bad.count() if examples else 0
+            hint = (f": {n_bad} value(s) are not numbers (e.g. {', '.join(examples)})" if examples
+                    else ": every value parses as a number")
+        raise InputError(f"{table} table: numeric feature column '{column}' must be numeric, got "
+                         f"{dtype.simpleString()}{hint}; fix the column, or convert it with "
+                         f"data.source.{table}.casts.{column}=double (values that do not parse become "
+                         f"missing, and are counted)")
+
+
 def validate_inputs(events: DataFrame, users: Optional[DataFrame], items: Optional[DataFrame],
-                    spec: FeatureSpec, implicit: bool) -> None:
+                    spec: FeatureSpec, implicit: bool, has_time: bool = True) -> None:
     _require(events, "events", required_event_columns(spec, implicit))
     for table, df, key in (("users", users, spec.keys.user), ("items", items, spec.keys.item)):
         wanted = entity_columns(spec, table)
@@ -60,7 +92,10 @@ def validate_inputs(events: DataFrame, users: Optional[DataFrame], items: Option
     for g in group_columns(spec):
         if items is None or g not in items.columns:
             raise InputError(f"derived user x '{g}' statistics need an items table with column '{g}'")
-    _check_event_values(events, spec, implicit)
+    for table, df in (("events", events), ("users", users), ("items", items)):
+        if df is not None:
+            _check_numeric_types(df, table, numeric_feature_columns(spec, table))
+    _check_event_values(events, spec, implicit, has_time)
     for table, df, key in (("users", users, spec.keys.user), ("items", items, spec.keys.item)):
         if df is not None:
             _check_entity(df, table, key)
@@ -73,13 +108,19 @@ def _require(df: DataFrame, table: str, columns: list[str]) -> None:
                          f"it has: {', '.join(df.columns)}")
 
 
-def _check_event_values(events: DataFrame, spec: FeatureSpec, implicit: bool) -> None:
+def _infinite(column: str):
+    x = F.col(column).cast("double")
+    return (x == F.lit(float("inf"))) | (x == F.lit(float("-inf")))
+
+
+def _check_event_values(events: DataFrame, spec: FeatureSpec, implicit: bool, has_time: bool = True) -> None:
     k = spec.keys
     checks = {
         f"null {k.user}": F.col(k.user).isNull(),
         f"null {k.item}": F.col(k.item).isNull(),
-        f"null {k.timestamp}": F.col(k.timestamp).isNull(),
     }
+    if has_time:
+        checks[f"null {k.timestamp}"] = F.col(k.timestamp).isNull()
     label = spec.label.name
     if not implicit:
         if not isinstance(events.schema[label].dataType, (T.NumericType, T.BooleanType)):
@@ -94,12 +135,14 @@ def _check_event_values(events: DataFrame, spec: FeatureSpec, implicit: bool) ->
         dwell = F.col(DWELL).cast("double")
         checks[f"negative {DWELL}"] = dwell < 0
         checks[f"NaN {DWELL}"] = F.isnan(dwell)
+        checks[f"infinite {DWELL}"] = _infinite(DWELL)
     for column in value_columns(spec):
         if not isinstance(events.schema[column].dataType, T.NumericType):
             raise InputError(f"events.{column} must be numeric (derived statistics average it), "
                              f"got {events.schema[column].dataType.simpleString()}")
         checks[f"null {column}"] = F.col(column).isNull()
         checks[f"NaN {column}"] = F.isnan(F.col(column).cast("double"))
+        checks[f"infinite {column}"] = _infinite(column)
     row = events.agg(F.count(F.lit(1)).alias("rows"),
                      *[F.sum(F.when(cond, 1).otherwise(0)).alias(f"c{i}") for i, cond in enumerate(checks.values())]
                      ).first()
@@ -108,6 +151,51 @@ def _check_event_values(events: DataFrame, spec: FeatureSpec, implicit: bool) ->
     bad = [f"{row[f'c{i}']} rows with {name}" for i, name in enumerate(checks) if row[f"c{i}"]]
     if bad:
         raise InputError(f"events table ({row['rows']} rows) has bad values: " + "; ".join(bad))
+
+
+def clean_numeric(df: DataFrame, table: str, spec: FeatureSpec, policy: str) -> tuple[DataFrame, dict]:
+    """Non-finite values (inf, -inf, NaN) of ``table``'s numeric feature columns: an
+    InputError naming table, column and counts (policy 'error'), or nulls (policy
+    'missing'). Returns the frame and, per column, what encoding will do to it:
+    ``non_finite`` (made missing), ``imputed`` (missing values filled: 0 after
+    normalisation, bucket 0) and ``clamped`` (negatives raised to 0 by log_standard)."""
+    columns = [c for c in numeric_feature_columns(spec, table) if c in df.columns]
+    if not columns:
+        return df, {}
+    log_std = {f.name for f in spec.features if f.name in columns and f.transform == "log_standard"}
+    aggs = [F.count(F.lit(1)).alias("__rows")]
+    for i, c in enumerate(columns):
+        x = F.col(c).cast("double")
+        aggs += [F.sum(F.when(F.isnan(x), 1).otherwise(0)).alias(f"nan{i}"),
+                 F.sum(F.when(x == F.lit(float("inf")), 1).otherwise(0)).alias(f"pinf{i}"),
+                 F.sum(F.when(x == F.lit(float("-inf")), 1).otherwise(0)).alias(f"ninf{i}"),
+                 F.sum(F.when(x.isNull(), 1).otherwise(0)).alias(f"null{i}"),
+                 F.sum(F.when(~F.isnan(x) & (x < 0), 1).otherwise(0)).alias(f"neg{i}")]
+    row = df.agg(*aggs).first()
+    weight = spec.weight.name if table == "events" and spec.weight is not None else None
+    report, bad = {}, []
+    for i, c in enumerate(columns):
+        nan, pinf, ninf = (int(row[f"{k}{i}"] or 0) for k in ("nan", "pinf", "ninf"))
+        non_finite = nan + pinf + ninf
+        if non_finite:
+            parts = [f"{n} {what}" for n, what in ((pinf, "inf"), (ninf, "-inf"), (nan, "NaN")) if n]
+            bad.append(f"column '{c}' has {non_finite} non-finite value(s) ({', '.join(parts)})")
+        if c == weight:   # a sample weight is used as is, never imputed: non-finite is always an error
+            if non_finite:
+                raise InputError(f"{table} table ({row['__rows']} rows): weight {bad[-1]}; fix the input")
+            continue
+        negatives = int(row[f"neg{i}"] or 0) - (ninf if policy == "missing" else 0)
+        report[c] = {"non_finite": non_finite, "imputed": int(row[f"null{i}"] or 0) + non_finite,
+                     "clamped": negatives if c in log_std else 0}
+    if bad and policy == "error":
+        raise InputError(f"{table} table ({row['__rows']} rows): " + "; ".join(bad)
+                         + "; fix the input, or set data.non_finite=missing to treat them as missing values")
+    for c in report:
+        if report[c]["non_finite"]:
+            x = F.col(c).cast("double")
+            finite = ~F.isnan(x) & (F.abs(x) != F.lit(float("inf")))
+            df = df.withColumn(c, F.when(finite, F.col(c)))
+    return df, report
 
 
 def _check_entity(df: DataFrame, table: str, key: str) -> None:

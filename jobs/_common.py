@@ -8,14 +8,22 @@ import logging
 import os
 import sys
 import time
+import traceback
 from typing import Callable
 
-from rec_models.config import Config, ConfigError, load_config
+from rec_models.config import Config, UserError, load_config
 
 log = logging.getLogger("jobs")
 
-# errors that mean "your input or configuration is wrong": one line, exit code 2
-USER_ERRORS = (ConfigError, ValueError, FileNotFoundError, KeyError)
+# Exit codes: 0 success; 2 a user error (rec_models.config.UserError: a wrong key, value,
+# file or input), one line naming it; 1 anything else, a bug, with its traceback.
+EXIT_OK, EXIT_BUG, EXIT_USER = 0, 1, 2
+
+def is_user_error(exc: BaseException) -> bool:
+    """True for an error the user can act on (exit 2, one line), False for a bug (exit 1).
+    Every layer raises ``rec_models.errors`` classes for those (ETL's InputError, the
+    loader's LoaderError and the spec's PrivilegedLeakError among them)."""
+    return isinstance(exc, UserError)
 
 
 def parser(description: str) -> argparse.ArgumentParser:
@@ -51,16 +59,20 @@ def run(description: str, body: Callable[[argparse.Namespace, Config], dict],
     try:
         cfg = config_from(args)
         result = body(args, cfg)
-    except USER_ERRORS as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except Exception as exc:   # noqa: BLE001 - sorted into user errors and bugs
+        if is_user_error(exc):
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_USER
+        traceback.print_exc(file=sys.stderr)
+        print(f"error: an internal error (a bug, not your input): {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_BUG
     result["seconds"] = round(time.time() - started, 1)
     line = json.dumps(result, default=str)
     if args.json_out:
         with open(args.json_out, "w") as fh:
             fh.write(line + "\n")
     print(line)
-    return 0
+    return EXIT_OK
 
 
 def spark_for(cfg: Config):

@@ -14,6 +14,7 @@ from jobs._common import run, spark_for
 def body(args, cfg):
     from orchestration import pipeline
 
+    pipeline.validate_params(cfg, cfg.distill.method)   # before Spark starts
     return {"job": "distill", **pipeline.run_method(spark_for(cfg), cfg, cfg.distill.method)}
 
 

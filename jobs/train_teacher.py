@@ -18,11 +18,14 @@ def body(args, cfg):
     from orchestration import pipeline
     from rec_models.training.loop import teacher_config
 
+    tcfg = teacher_config(cfg, args.teacher)   # --teacher and its distill.teacher_params, checked
+    pipeline.validate_params(tcfg, args.teacher)  # before any ETL or training
     pipeline.check_training_env(cfg)
     spec = pipeline.ensure_features(spark_for(cfg), cfg)
-    run_id = pipeline.new_run_id()
-    tcfg = teacher_config(cfg, args.teacher)
-    result = pipeline.train(tcfg, spec, args.teacher, pipeline.run_dir(cfg, "teachers", args.teacher), run_id)
+    out = pipeline.run_dir(cfg, "teachers", args.teacher)
+    run_id = pipeline.start_run(cfg, out)          # train.resume=auto: an unfinished run goes on
+    result = pipeline.train(tcfg, spec, args.teacher, out, run_id)
+    pipeline.finish_run(out, run_id)
     head = "teacher" if "teacher_auc" in result["test"] else "student"
     return {"job": "train_teacher", "teacher": args.teacher, "run_id": run_id, "checkpoint": result["checkpoint"],
             "metrics": {"teacher": pipeline.head_metrics(result["test"], head)},

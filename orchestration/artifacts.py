@@ -5,17 +5,27 @@ converter, so that none of them imports another for these.
 
 Runs are laid out by name and version, so that separately scheduled jobs find each
 other's outputs: ``{run.output_dir}/{run.name}/{run.version}/{method,teachers,baseline}/``
-and the exported ``student.pt``. A rerun of the same version replaces them.
+and the exported ``student.pt``. A rerun of the same version replaces them. Inside a
+training's folder, checkpoints live under the run id (``checkpoints/<run_id>/epoch_<n>.pt``,
+``last.pt``); ``checkpoints/last.pt`` is the last finished run's model, and
+``run_state.json`` names the run that trained there last and its last complete epoch.
+A job's ``run.json`` (in its method's folder) names its run id and whether it finished:
+under ``train.resume=auto`` a rerun takes over the id of an unfinished run, and each of
+its trainings continues from that run's last complete epoch.
 """
 from __future__ import annotations
 
+import datetime as dt
+import json
+import logging
 import os
+import tempfile
 import uuid
 from dataclasses import dataclass
 from typing import Optional
 
 from etl import delta_io
-from rec_models.config import Config
+from rec_models.config import Config, ConfigError, BadInputError, InputNotFoundError
 from rec_models.spec import FeatureSpec
 
 FEATURE_TABLES = ("user_features", "item_features", "samples")
@@ -29,12 +39,111 @@ class ModelTag:
     run_id: str
 
 
+@dataclass(frozen=True)
+class CommittedEmbeddings:
+    """The ``model_versions`` row of one model version: the run whose vectors it serves and
+    the versions of the user and item embedding tables that hold them. The embedding job
+    commits it last, after both tables, so a reader that goes through it only ever sees a
+    user/item pair of one run, even when a later write died between the two tables."""
+    name: str
+    version: str
+    run_id: str
+    user_table_version: int
+    item_table_version: int
+    score_kind: str
+
+
+class EmbeddingsNotCommitted(InputNotFoundError):   # a FileNotFoundError, and a user error (exit 2)
+    """No committed embedding pair for a model version (the message says what to run)."""
+
+
+def committed_embeddings(cfg: Config, name: str, version: str) -> CommittedEmbeddings:
+    """The committed embedding pair of model ``name`` version ``version``."""
+    uri = cfg.warehouse.uri("model_versions")
+    rows = []
+    if delta_io.table_exists(uri):
+        part = [("model_name", "=", name), ("model_version", "=", version)]
+        rows = delta_io.read_arrow(uri, None, part).to_pylist()
+    if not rows:
+        raise EmbeddingsNotCommitted(
+            f"no committed embeddings of model {name} version {version} in {uri}: run jobs/write_embeddings.py "
+            f"(or jobs/distill.py) with --set run.name={name} --set run.version={version}; rows in the embedding "
+            "tables without a model_versions row belong to a write that did not finish")
+    if len(rows) > 1:
+        raise RuntimeError(f"{uri} has {len(rows)} rows for model {name} version {version}; expected one")
+    r = rows[0]
+    return CommittedEmbeddings(name, version, r["run_id"], int(r["user_table_version"]),
+                               int(r["item_table_version"]), r["score_kind"])
+
+
+def read_committed_embeddings(cfg: Config, name: str, version: str, columns: list[str]):
+    """(user rows, item rows, the pair's CommittedEmbeddings): both embedding tables of one
+    model version as Arrow tables, each at the table version the pair was committed with.
+    Refuses a pair whose rows name another run than the committed one."""
+    pair = committed_embeddings(cfg, name, version)
+    part = [("model_name", "=", name), ("model_version", "=", version)]
+    cols = list(dict.fromkeys([*columns, "run_id"]))
+    sides = {}
+    for side, table_version in (("user", pair.user_table_version), ("item", pair.item_table_version)):
+        uri = cfg.warehouse.uri(f"{side}_embeddings")
+        t = delta_io.read_arrow(uri, cols, part, version=table_version)
+        runs = set(t.column("run_id").to_pylist())
+        if runs != {pair.run_id}:
+            raise BadInputError(f"{uri} version {table_version} holds run(s) {sorted(runs)} for model {name} version "
+                             f"{version}, but {cfg.warehouse.uri('model_versions')} commits run {pair.run_id}: "
+                             "the user and item embeddings do not belong together; rerun jobs/write_embeddings.py")
+        sides[side] = t.select(columns)
+    return sides["user"], sides["item"], pair
+
+
 def new_run_id() -> str:
     return uuid.uuid4().hex[:16]
 
 
 def run_dir(cfg: Config, *parts: str) -> str:
+    # run.name and run.version are validated slugs (RunConf): the folder stays under output_dir
     return os.path.join(os.path.abspath(cfg.run.output_dir), cfg.run.name, cfg.run.version, *parts)
+
+
+RUN_FILE = "run.json"
+
+
+def start_run(cfg: Config, folder: str) -> str:
+    """The run id of a job whose state lives in ``folder``: under ``train.resume=auto`` the
+    id of the unfinished run recorded there (its trainings then continue from their last
+    complete epoch), else a new one, recorded as started."""
+    path = os.path.join(folder, RUN_FILE)
+    if cfg.train.resume == "auto":
+        try:
+            with open(path) as fh:
+                state = json.load(fh)
+        except FileNotFoundError:
+            state = None
+        except (OSError, ValueError) as exc:
+            logging.getLogger(__name__).warning("ignoring the unreadable run file %s: %s", path, exc)
+            state = None
+        if isinstance(state, dict) and state.get("run_id") and not state.get("finished"):
+            logging.getLogger(__name__).info("train.resume=auto: continuing the unfinished run %s (%s)",
+                                             state["run_id"], path)
+            return str(state["run_id"])
+    run_id = new_run_id()
+    _write_json(path, {"run_id": run_id, "finished": False,
+                       "started_at": dt.datetime.now(dt.timezone.utc).isoformat()})
+    return run_id
+
+
+def finish_run(folder: str, run_id: str) -> None:
+    """Record the run of ``folder`` as finished: a later ``train.resume=auto`` starts anew."""
+    _write_json(os.path.join(folder, RUN_FILE), {"run_id": run_id, "finished": True,
+                                                  "finished_at": dt.datetime.now(dt.timezone.utc).isoformat()})
+
+
+def _write_json(path: str, payload: dict) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
+    with os.fdopen(fd, "w") as fh:
+        json.dump(payload, fh, indent=2)
+    os.replace(tmp, path)
 
 
 def features_ready(cfg: Config) -> bool:
@@ -44,15 +153,21 @@ def features_ready(cfg: Config) -> bool:
 
 def load_spec(cfg: Config) -> FeatureSpec:
     """The spec ETL resolved; its features must be the ones this run's conf declares."""
-    spec = FeatureSpec.load(cfg.warehouse.spec_path)
+    try:
+        spec = FeatureSpec.load(cfg.warehouse.spec_path)
+    except FileNotFoundError as exc:
+        raise InputNotFoundError(str(exc)) from None
+    except ValueError as exc:   # malformed JSON or a spec that does not validate
+        raise BadInputError(f"cannot read the feature spec {cfg.warehouse.spec_path}: "
+                             f"{' '.join(str(exc).split())[:500]}") from None
     declared = [f.name for f in cfg.spec.features]
     built = [f.name for f in spec.features]
     if declared != built:
-        raise ValueError(f"the feature tables at {cfg.warehouse.root} were built for features {built}, "
+        raise ConfigError(f"the feature tables at {cfg.warehouse.root} were built for features {built}, "
                          f"but the conf declares {declared}: rerun jobs/build_features.py")
     split = cfg.data.split.model_dump()
     if spec.split is not None and spec.split != split:
-        raise ValueError(f"the feature tables at {cfg.warehouse.root} were split with data.split={spec.split}, "
+        raise ConfigError(f"the feature tables at {cfg.warehouse.root} were split with data.split={spec.split}, "
                          f"but the conf declares {split}: rerun jobs/build_features.py")
     return spec
 
@@ -65,8 +180,11 @@ def pinned_version(spec: FeatureSpec, table: str) -> Optional[int]:
 def training_files(cfg: Config, spec: FeatureSpec) -> dict[str, list[str]]:
     uri = cfg.warehouse.uri("samples")
     version = pinned_version(spec, "samples")
-    files = {s: delta_io.snapshot_files(uri, [("split", "=", s)], version) for s in ("train", "valid", "test")}
+    try:
+        files = {s: delta_io.snapshot_files(uri, [("split", "=", s)], version) for s in ("train", "valid", "test")}
+    except FileNotFoundError as exc:   # no table, or the pinned version is gone
+        raise InputNotFoundError(str(exc)) from None
     for split, paths in files.items():
         if not paths:
-            raise ValueError(f"the samples table at {uri} has no {split} rows: rerun jobs/build_features.py")
+            raise BadInputError(f"the samples table at {uri} has no {split} rows: rerun jobs/build_features.py")
     return files

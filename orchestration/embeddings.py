@@ -8,6 +8,11 @@ multi-vector student (ColBERT, IntTower, MVKE) stores its [*shape] tensor flatte
 by (model_name, model_version): a rerun of the same version replaces its partition in one
 Delta commit, other models' rows stay. Only the tower's own input columns are selected
 from the feature tables, and those are checked against the spec's privileged set first.
+
+The two tables are two commits. A third, committed last, makes them one model version:
+the ``model_versions`` row (run id, the version of each table that holds the run's
+vectors). Readers go through it (``orchestration.artifacts.read_committed_embeddings``),
+so a job killed between the two tables leaves readers on the previous complete pair.
 """
 from __future__ import annotations
 
@@ -19,7 +24,7 @@ import pyarrow as pa
 from pyspark.sql import DataFrame, SparkSession
 
 from etl import delta_io
-from orchestration.artifacts import ModelTag
+from orchestration.artifacts import CommittedEmbeddings, ModelTag
 from rec_models.config import Config
 
 log = logging.getLogger(__name__)
@@ -36,19 +41,22 @@ EMBEDDING_SCHEMA = pa.schema([
 ])
 SPARK_SCHEMA = ("id string, vector array<float>, score_kind string, shape array<int>, model_name string, "
                 "model_version string, run_id string, created_at timestamp")
+MODEL_VERSIONS_SCHEMA = ("model_name string, model_version string, run_id string, user_table_version long, "
+                         "item_table_version long, score_kind string, bundle string, created_at timestamp")
 SIDES = {"user": ("user_features", "user_embeddings", "user_key", "encode_user", "user_input_names"),
          "item": ("item_features", "item_embeddings", "item_key", "encode_item", "item_input_names")}
 
 
 def write_embeddings(spark: SparkSession, cfg: Config, bundle_path: str, tag: ModelTag) -> dict[str, str]:
-    """Write user and item embeddings of the student in ``bundle_path``; returns table URIs."""
+    """Write user and item embeddings of the student in ``bundle_path``, then commit the
+    pair in ``model_versions``; returns the three tables' URIs."""
     from rec_models.serving.export import load_student
 
     student, spec, _ = load_student(bundle_path)
     with open(bundle_path, "rb") as fh:
         payload = spark.sparkContext.broadcast(fh.read())
     created = dt.datetime.now(dt.timezone.utc)
-    uris = {}
+    uris, versions = {}, {}
     for side, (features_table, out_table, key, encode, inputs) in SIDES.items():
         columns = list(getattr(student, inputs))
         spec.assert_public(columns, "the embedding job")
@@ -58,11 +66,31 @@ def write_embeddings(spark: SparkSession, cfg: Config, bundle_path: str, tag: Mo
                                      version=version)
         encoded = encode_frame(source, payload, key, encode, columns, tag, created, cfg.eval.user_batch_size)
         uri = cfg.warehouse.uri(out_table)
-        delta_io.write_table(encoded, uri, mode="overwrite", partition_by=["model_name", "model_version"],
-                             replace_partitions={"model_name": tag.name, "model_version": tag.version},
-                             writer=cfg.warehouse.writer)
+        versions[side] = delta_io.write_table(
+            encoded, uri, mode="overwrite", partition_by=["model_name", "model_version"],
+            replace_partitions={"model_name": tag.name, "model_version": tag.version}, writer=cfg.warehouse.writer,
+            commit_metadata={"run_id": tag.run_id})
         uris[out_table] = uri
+    pair = CommittedEmbeddings(tag.name, tag.version, tag.run_id, versions["user"], versions["item"],
+                               getattr(student, "score_kind", "dot"))
+    uris["model_versions"] = commit_model_version(spark, cfg, pair, bundle_path, created)
+    log.info("committed model %s version %s: run %s, user_embeddings v%d, item_embeddings v%d", tag.name,
+             tag.version, tag.run_id, pair.user_table_version, pair.item_table_version)
     return uris
+
+
+def commit_model_version(spark: SparkSession, cfg: Config, pair: CommittedEmbeddings, bundle_path: str,
+                         created: dt.datetime) -> str:
+    """Replace the ``model_versions`` row of ``pair``'s model version: the last commit of
+    the embedding job, after which readers see the new pair."""
+    uri = cfg.warehouse.uri("model_versions")
+    row = [(pair.name, pair.version, pair.run_id, pair.user_table_version, pair.item_table_version,
+            pair.score_kind, str(bundle_path), created.replace(tzinfo=None))]
+    delta_io.write_table(spark.createDataFrame(row, MODEL_VERSIONS_SCHEMA).coalesce(1), uri, mode="overwrite",
+                         partition_by=["model_name", "model_version"],
+                         replace_partitions={"model_name": pair.name, "model_version": pair.version},
+                         writer=cfg.warehouse.writer, commit_metadata={"run_id": pair.run_id})
+    return uri
 
 
 def encode_frame(source: DataFrame, payload, key: str, encode: str, columns: list[str], tag: ModelTag,

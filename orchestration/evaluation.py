@@ -34,7 +34,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from etl import delta_io
-from rec_models.config import Config, check_ks
+from rec_models.config import BadInputError, Config, InputNotFoundError, check_ks
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +64,8 @@ def evaluate_model(cfg: Config, checkpoint: Optional[str] = None, spark=None) ->
     path = os.path.abspath(checkpoint or run_dir(cfg, cfg.distill.method, "checkpoints", "last.pt"))
     if not os.path.exists(path):
         if checkpoint:
-            raise FileNotFoundError(f"no checkpoint at {path} (--checkpoint)")
-        raise FileNotFoundError(
+            raise InputNotFoundError(f"no checkpoint at {path} (--checkpoint)")
+        raise InputNotFoundError(
             f"no checkpoint at {path}: train model {name} version {version} first "
             f"(spark-submit jobs/distill.py --method {cfg.distill.method} --set run.name={name} "
             f"--set run.version={version}) or pass --checkpoint PATH")
@@ -82,6 +82,11 @@ def evaluate_model(cfg: Config, checkpoint: Optional[str] = None, spark=None) ->
     retrieval_note, emb = None, None
     if hasattr(model, "student"):
         emb = load_embeddings(cfg, name, version, method)   # raises when missing: before scoring
+        if tags.get("run_id") and emb.run_id != tags["run_id"]:
+            raise BadInputError(
+                f"the committed embeddings of model {name} version {version} ({cfg.warehouse.uri('model_versions')}) "
+                f"are run {emb.run_id}'s, but {path} was trained by run {tags['run_id']}: its embedding write did "
+                f"not finish; rerun jobs/write_embeddings.py --set run.name={name} --set run.version={version}")
         retrieval_note = _bundle_mismatch(run_dir(cfg, "student.pt"), model, path)
         if retrieval_note:
             log.warning("%s", retrieval_note)
@@ -125,10 +130,13 @@ def evaluate_model(cfg: Config, checkpoint: Optional[str] = None, spark=None) ->
 def split_files(cfg: Config, split: str, version: Optional[int]) -> list[str]:
     """The ``split`` files of samples at ``version``; an empty split is an error naming the job."""
     uri = cfg.warehouse.uri("samples")
-    files = delta_io.snapshot_files(uri, [("split", "=", split)], version)
+    try:
+        files = delta_io.snapshot_files(uri, [("split", "=", split)], version)
+    except FileNotFoundError as exc:   # no samples table, or its pinned version is gone
+        raise InputNotFoundError(str(exc)) from None
     if not files or not sum(_num_rows(f) for f in files):
-        raise ValueError(f"the {split} split of {uri} (version {version}) is empty: "
-                         f"rerun spark-submit jobs/build_features.py, then retrain")
+        raise BadInputError(f"the {split} split of {uri} (version {version}) is empty: "
+                            f"rerun spark-submit jobs/build_features.py, then retrain")
     return files
 
 
@@ -153,8 +161,12 @@ def _bundle_mismatch(bundle: str, model, checkpoint: str) -> Optional[str]:
 
 
 def _history(checkpoint: str) -> list[dict]:
-    """Per-epoch history of the training run that wrote ``checkpoint`` (its metrics.json)."""
-    path = os.path.join(os.path.dirname(os.path.dirname(checkpoint)), "metrics.json")
+    """Per-epoch history of the training run that wrote ``checkpoint`` (its metrics.json):
+    beside a run's own ``checkpoints/<run_id>/last.pt``, or for the published
+    ``checkpoints/last.pt`` the training folder's (the last finished run's)."""
+    path = os.path.join(os.path.dirname(checkpoint), "metrics.json")
+    if not os.path.exists(path):
+        path = os.path.join(os.path.dirname(os.path.dirname(checkpoint)), "metrics.json")
     if not os.path.exists(path):
         log.info("no training history at %s: curves left out", path)
         return []
@@ -219,20 +231,20 @@ class Embeddings:
 
 
 def load_embeddings(cfg: Config, name: str, version: str, method: Optional[str] = None) -> Embeddings:
-    """Both embedding tables' rows of one model version (vectors as matrices)."""
-    part = [("model_name", "=", name), ("model_version", "=", version)]
-    sides = {}
-    for side in ("user", "item"):
-        uri = cfg.warehouse.uri(f"{side}_embeddings")
-        t = (delta_io.read_arrow(uri, ["id", "vector", "score_kind", "shape", "run_id"], part)
-             if delta_io.table_exists(uri) else None)
-        if t is None or not t.num_rows:
-            how = f"spark-submit jobs/distill.py --method {method}" if method else "spark-submit jobs/distill.py"
-            raise ValueError(f"no embeddings for model {name} version {version} in {uri}: run {how} "
-                             f"--set run.name={name} --set run.version={version} (or jobs/write_embeddings.py "
-                             f"with its student bundle) first")
-        sides[side] = t
-    users, items = sides["user"], sides["item"]
+    """Both embedding tables' rows of one model version (vectors as matrices), as the
+    ``model_versions`` table commits them: one run's user and item vectors, never a mix."""
+    from orchestration.artifacts import EmbeddingsNotCommitted, read_committed_embeddings
+
+    try:
+        users, items, pair = read_committed_embeddings(cfg, name, version,
+                                                       ["id", "vector", "score_kind", "shape", "run_id"])
+    except EmbeddingsNotCommitted as exc:
+        how = f"spark-submit jobs/distill.py --method {method}" if method else "spark-submit jobs/distill.py"
+        raise EmbeddingsNotCommitted(f"{exc} (e.g. {how})") from None
+    for side, t in (("user", users), ("item", items)):
+        if not t.num_rows:
+            raise BadInputError(f"{cfg.warehouse.uri(side + '_embeddings')} holds no rows of model {name} version "
+                             f"{version} (run {pair.run_id}): rerun jobs/write_embeddings.py")
     return Embeddings(pd.Index(users["id"].to_numpy(zero_copy_only=False)),
                       _matrix(users["vector"], users["shape"][0].as_py()),
                       pd.Index(items["id"].to_numpy(zero_copy_only=False)),

@@ -12,15 +12,17 @@ import logging
 import os
 from typing import Optional
 
-from orchestration.artifacts import (FEATURE_TABLES, ModelTag, features_ready, load_spec, new_run_id, pinned_version,
-                                     run_dir, training_files)
-from rec_models.config import Config
+from etl import delta_io
+from orchestration.artifacts import (FEATURE_TABLES, ModelTag, features_ready, finish_run, load_spec, new_run_id,
+                                     pinned_version, run_dir, start_run, training_files)
+from rec_models.config import BadInputError, Config, ConfigError, InputNotFoundError, parse_params
 from rec_models.spec import FeatureSpec
 
 log = logging.getLogger(__name__)
 __all__ = ["FEATURE_TABLES", "ModelTag", "check_training_env", "ensure_features", "ensure_teachers",
-           "export_student_of", "features_ready", "head_metrics", "load_spec", "new_run_id", "pinned_version",
-           "retrieval_metrics", "run_dir", "run_method", "train", "training_files", "write_embeddings"]
+           "export_student_of", "features_ready", "finish_run", "head_metrics", "load_spec", "new_run_id", "pinned_version",
+           "retrieval_metrics", "run_dir", "run_method", "start_run", "train", "training_files", "validate_params", "write_embeddings",
+           "check_embedding_inputs"]
 
 
 def ensure_features(spark, cfg: Config, rebuild: bool = False) -> FeatureSpec:
@@ -63,18 +65,55 @@ def check_training_env(cfg: Config) -> None:
     check_backend_available(cfg.train)   # train.backend=horovod without Horovod installed
 
 
+def validate_params(cfg: Config, method: str) -> None:
+    """Check, before any ETL or training, what ``method`` will read from the conf that the
+    config's schema leaves to the method: ``distill.params`` (with ``method``'s own params
+    model, as its builder will), ``distill.teacher_params`` of every teacher, and the
+    teacher checkpoints it is given. A :class:`ConfigError` naming the key, else nothing."""
+    from rec_models.methods import METHODS, get_method
+
+    if method not in METHODS:
+        raise ConfigError(f"unknown method '{method}'; known: {', '.join(sorted(METHODS))}")
+    for name, raw in cfg.distill.teacher_params.items():
+        if name not in METHODS:
+            raise ConfigError(f"distill.teacher_params.{name}: unknown method '{name}'; "
+                              f"known: {', '.join(sorted(METHODS))}")
+        _check_params(name, raw, f"distill.teacher_params.{name}")
+    _check_params(method, cfg.distill.params, "distill.params")
+    for name in get_method(method).teachers:
+        if name in cfg.distill.teachers and not os.path.isfile(cfg.distill.teachers[name]):
+            raise InputNotFoundError(f"distill.teachers.{name}: no checkpoint at {cfg.distill.teachers[name]}")
+    if method == "pfd" and cfg.distill.teacher_checkpoint and not os.path.isfile(cfg.distill.teacher_checkpoint):
+        raise InputNotFoundError(f"distill.teacher_checkpoint: no checkpoint at {cfg.distill.teacher_checkpoint}")
+
+
+def _check_params(method: str, raw, where: str) -> None:
+    from rec_models.methods import get_method
+
+    model = get_method(method).params_model()
+    if model is None:
+        if raw:
+            raise ConfigError(f"{where}: method '{method}' takes no parameters, got {', '.join(map(str, raw))}")
+        return
+    try:
+        parse_params(model, raw, method)
+    except ConfigError as exc:   # parse_params names distill.params.<key>; say where they came from
+        raise ConfigError(str(exc).replace("distill.params.", f"{where}.")) from None
+
+
 def ensure_teachers(cfg: Config, spec: FeatureSpec, method: str, run_id: str) -> dict[str, str]:
     """Checkpoint of every frozen teacher ``method`` needs: given in distill.teachers, or
     trained now (with distill.teacher_params[name]) under the run's teachers/ folder."""
     from rec_models.methods import get_method
     from rec_models.training.loop import teacher_config
 
+    validate_params(cfg, method)
     paths = {}
     for name in get_method(method).teachers:
         if name in cfg.distill.teachers:
             paths[name] = cfg.distill.teachers[name]
             if not os.path.exists(paths[name]):
-                raise FileNotFoundError(f"distill.teachers.{name}: no checkpoint at {paths[name]}")
+                raise InputNotFoundError(f"distill.teachers.{name}: no checkpoint at {paths[name]}")
         else:
             result = train(teacher_config(cfg, name), spec, name, run_dir(cfg, "teachers", name), run_id)
             paths[name] = result["checkpoint"]
@@ -85,9 +124,12 @@ def run_method(spark, cfg: Config, method: str) -> dict:
     """Features (if missing) -> teachers -> the method -> baseline -> student embeddings + metrics."""
     from rec_models.methods import get_method
 
+    validate_params(cfg, method)   # a typo in distill.params fails here, before any ETL
     check_training_env(cfg)
     spec = ensure_features(spark, cfg)
-    tag = ModelTag(cfg.run.name, cfg.run.version, new_run_id())
+    warnings = method_warnings(spec, method)   # also in the result: a run that is not what it says
+    # train.resume=auto: an unfinished run of this method keeps its id and continues
+    tag = ModelTag(cfg.run.name, cfg.run.version, start_run(cfg, run_dir(cfg, method)))
     teachers = ensure_teachers(cfg, spec, method, tag.run_id)
     result = train(cfg, spec, method, run_dir(cfg, method), tag.run_id,
                    teacher_checkpoint=cfg.distill.teacher_checkpoint if method == "pfd" else None,
@@ -101,11 +143,13 @@ def run_method(spark, cfg: Config, method: str) -> dict:
            "metrics": metrics, "tables": {t: cfg.warehouse.uri(t) for t in FEATURE_TABLES},
            "checkpoint": result["checkpoint"], "teachers": teachers,
            "train_seconds": result["train_seconds"], "backend": cfg.train.backend}
+    out["warnings"] = warnings
     if "student" in heads:
         bundle = export_student_of(result["checkpoint"], run_dir(cfg, "student.pt"), tag)
         out["tables"].update(write_embeddings(spark, cfg, bundle, tag))
         out["bundle"] = bundle
         metrics["student_retrieval"] = retrieval_metrics(cfg, tag)
+    finish_run(run_dir(cfg, method), tag.run_id)
     return out
 
 
@@ -117,6 +161,23 @@ def export_student_of(checkpoint: str, path: str, tag: ModelTag) -> str:
     model, spec, _ = load_trained(checkpoint)
     return export_student(model.student, spec, path, meta={"name": tag.name, "version": tag.version,
                                                            "run_id": tag.run_id, "checkpoint": checkpoint})
+
+
+def check_embedding_inputs(cfg: Config, bundle_spec: FeatureSpec, student, bundle: str) -> None:
+    """Everything the embedding job and its metrics read, checked before the first write:
+    the warehouse's spec file, the feature tables, and that the bundle's towers read
+    columns those tables have."""
+    spec = load_spec(cfg)
+    missing = [t for t in FEATURE_TABLES if not delta_io.table_exists(cfg.warehouse.uri(t))]
+    if missing:
+        raise InputNotFoundError(f"no Delta table {', '.join(cfg.warehouse.uri(t) for t in missing)}: "
+                                 "run jobs/build_features.py first")
+    built = {f.name for f in spec.features}
+    for side in ("user", "item"):
+        unknown = sorted(set(getattr(student, f"{side}_input_names")) - built)
+        if unknown:
+            raise BadInputError(f"the student in {bundle} reads {side} columns {unknown} that the feature tables at "
+                             f"{cfg.warehouse.root} (spec {cfg.warehouse.spec_path}) do not have")
 
 
 def write_embeddings(spark, cfg: Config, bundle: str, tag: ModelTag) -> dict[str, str]:
@@ -136,3 +197,19 @@ def retrieval_metrics(cfg: Config, tag: ModelTag) -> dict:
 def head_metrics(test: dict, head: str) -> dict:
     """One model head's test metrics, from ``train_worker``'s evaluation dict."""
     return {"auc": test[f"{head}_auc"], "logloss": test[f"{head}_logloss"], "rows": test["rows"]}
+
+
+def method_warnings(spec: FeatureSpec, method: str) -> list[str]:
+    """What makes a run weaker than its name says, logged and listed in the result.
+
+    PFD without a privileged column still trains (a warning, not a refusal): its teacher
+    then sees only the student's public features and is just a larger public ranker.
+    """
+    warnings = []
+    if method == "pfd" and not spec.privileged_names:
+        warnings.append("method pfd: the FeatureSpec has no privileged feature (role: privileged), so the "
+                        "teacher sees only public features and is a larger public ranker, not a privileged "
+                        "teacher; declare privileged features in data.feature_spec.features")
+    for w in warnings:
+        log.warning(w)
+    return warnings

@@ -6,13 +6,16 @@ the result, so a misspelt key or a bad value is an error that names its dotted p
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal, Mapping, Optional, Sequence
 
-from omegaconf import OmegaConf
+import yaml
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from rec_models.errors import BadInputError, ConfigError, InputNotFoundError, UserError  # noqa: F401 (re-exported)
 from rec_models.spec import FeatureSpec
 
 CONF_DIR = Path(os.environ.get("DTT_CONF_DIR", Path(__file__).resolve().parents[1] / "conf"))
@@ -21,12 +24,12 @@ BACKENDS = ("local", "torch_distributor", "horovod")
 LOADERS = ("arrow", "petastorm")   # petastorm: only in an env like the petastorm lane (pyspark 3.5)
 
 
-class ConfigError(ValueError):
-    """A configuration key or value is wrong; the message names it."""
-
-
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+# run.name / run.version become folder names under run.output_dir: no '/', no '..', not absolute
+SLUG = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
 class RunConf(_Section):
@@ -34,6 +37,14 @@ class RunConf(_Section):
     version: str = "v1"
     seed: int = 42
     output_dir: str = "runs"
+
+    @field_validator("name", "version")
+    @classmethod
+    def _safe_slug(cls, value: str, info) -> str:
+        if not SLUG.fullmatch(value) or ".." in value:
+            raise ValueError(f"run.{info.field_name}={value!r} is not a safe folder name: use letters, digits, "
+                             f"'.', '_' and '-', starting with a letter or digit, without '..' or '/'")
+        return value
 
 
 class TablesConf(_Section):
@@ -43,6 +54,7 @@ class TablesConf(_Section):
     user_embeddings: str = "user_embeddings"
     item_embeddings: str = "item_embeddings"
     metrics: str = "metrics"
+    model_versions: str = "model_versions"   # the committed user/item embedding pair of each model version
 
 
 class WarehouseConf(_Section):
@@ -117,15 +129,23 @@ class SourceConf(_Section):
 
 
 class SplitConf(_Section):
-    # global: one cut over all events; per_user: each user's own last events (etl/splits.py)
-    scheme: Literal["global", "per_user"] = "global"
+    # global: one cut over all events; per_user: each user's own last events; random: a
+    # seeded random split that needs no time (data without a time column) (etl/splits.py)
+    scheme: Literal["global", "per_user", "random"] = "global"
     valid_fraction: float = Field(0.1, ge=0, lt=1)
     test_fraction: float = Field(0.1, gt=0, lt=1)
+    # scheme random only: 'global' draws every event's split on its own; 'per_user' holds
+    # out a random test_fraction / valid_fraction of each user's own events
+    random_by: Literal["global", "per_user"] = "global"
+    seed: int = 13   # scheme random only: the hash seed of the draw
 
     @model_validator(mode="after")
     def _room_for_train(self) -> "SplitConf":
         if self.valid_fraction + self.test_fraction > 0.9 + 1e-9:
             raise ValueError("valid_fraction + test_fraction leaves less than 10% for training")
+        if self.random_by != "global" and self.scheme != "random":
+            raise ValueError(f"data.split.random_by={self.random_by} needs data.split.scheme=random "
+                             f"(the scheme is {self.scheme})")
         return self
 
 
@@ -143,6 +163,11 @@ class DataConf(_Section):
     # events whose user or item is missing from the users / items table: fail, or give them
     # the out-of-vocabulary features
     unknown_ids: Literal["error", "oov"] = "error"
+    # inf / -inf / NaN in a numeric feature, rating or dwell column: fail naming table,
+    # column and count, or treat them as missing (imputed like nulls, counted in the report)
+    non_finite: Literal["error", "missing"] = "error"
+    # events repeated on (user, item, timestamp): drop the repeats, keep them, or fail
+    duplicates: Literal["drop", "keep", "error"] = "drop"
     feature_spec: FeatureSpec
 
 
@@ -176,6 +201,9 @@ class TrainConf(_Section):
     early_stopping_patience: int = Field(0, ge=0)  # epochs without valid AUC gain; 0 = off
     # keep the epoch of best validation AUC (the student head where there is one), not the last
     restore_best_epoch: bool = False
+    # never: every run trains from scratch; auto: continue the last unfinished run of this
+    # run.name/version (same conf and spec) from its last complete epoch (run_state.json)
+    resume: Literal["never", "auto"] = "never"
 
     @field_validator("backend")
     @classmethod
@@ -268,9 +296,22 @@ def _layer(path: Path, what: str):
         choices = sorted(p.stem for p in path.parent.glob("*.yaml")) if path.parent.exists() else []
         raise ConfigError(f"no {what} conf '{path.stem}' at {path}; available: {', '.join(choices) or 'none'}")
     try:
-        return OmegaConf.load(path)
-    except (OmegaConfBaseException, OSError, ValueError) as exc:
-        raise ConfigError(f"cannot read {what} conf {path}: {exc}") from exc
+        layer = OmegaConf.load(path)
+    except (OmegaConfBaseException, OSError, ValueError, yaml.YAMLError) as exc:
+        detail = " ".join(str(exc).split())   # one line: YAML's messages span several
+        raise ConfigError(f"cannot read {what} conf {path}: {detail}") from None
+    if not isinstance(layer, DictConfig):
+        raise ConfigError(f"{what} conf {path} is not a mapping of keys to values (its top level is a "
+                          f"{type(layer).__name__})")
+    return layer
+
+
+def _layer_path(conf_dir: Path, kind: str, name: str) -> Path:
+    """conf/<kind>/<name>.yaml; a dataset may also be given as the path of its YAML file
+    (``--dataset path/to/mine.yaml``)."""
+    if kind == "dataset" and (name.endswith((".yaml", ".yml")) or os.sep in name or "/" in name):
+        return Path(name)
+    return conf_dir / kind / f"{name}.yaml"
 
 
 def load_config(
@@ -293,19 +334,26 @@ def load_config(
         "method": method or defaults.get("method", "pfd"),
         "profile": profile or defaults.get("profile", "local"),
     }
-    layers = [base] + [_layer(conf_dir / kind / f"{name}.yaml", kind) for kind, name in chosen.items()]
+    layers = [base] + [_layer(_layer_path(conf_dir, kind, name), kind) for kind, name in chosen.items()]
     layers += [_layer(Path(f), "extra") for f in files]
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not of the form key=value")
         if item.split("=", 1)[0].strip() == "profile":
             raise ConfigError("the profile is chosen with --profile NAME, not an override")
+    dotlists = []
+    for item in overrides:   # one at a time, so that the error names the override
+        try:
+            dotlists.append(OmegaConf.from_dotlist([item]))
+        except (OmegaConfBaseException, ValueError, yaml.YAMLError) as exc:
+            detail = " ".join(str(exc).split())
+            raise ConfigError(f"bad override '{item}' (--set): {detail}") from None
     try:
-        dotlist = OmegaConf.from_dotlist(list(overrides))
-    except (OmegaConfBaseException, ValueError) as exc:
-        raise ConfigError(f"bad override in {list(overrides)}: {exc}") from exc
-    merged = OmegaConf.merge(*layers, dotlist, {"profile": chosen["profile"]})
-    raw = OmegaConf.to_container(merged, resolve=True)
+        merged = OmegaConf.merge(*layers, *dotlists, {"profile": chosen["profile"]})
+        raw = OmegaConf.to_container(merged, resolve=True)
+    except OmegaConfBaseException as exc:
+        detail = " ".join(str(exc).split())
+        raise ConfigError(f"cannot merge the conf layers and overrides: {detail}") from None
     return validate_config(raw)
 
 
@@ -315,9 +363,28 @@ def validate_config(raw: dict) -> Config:
     except ValidationError as exc:
         problems = []
         for err in exc.errors():
-            where = ".".join(str(p) for p in err["loc"]) or "(top)"
+            where = _named_location(raw, err["loc"]) or "(top)"
             msg = err["msg"]
             if err["type"] == "extra_forbidden":
                 msg = "unknown key"
             problems.append(f"{where}: {msg}")
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems)) from None
+
+
+def _named_location(raw: Any, loc: Sequence) -> str:
+    """The dotted path of a validation error, with a feature's name instead of its list
+    index: ``data.feature_spec.features[clicks].role``, not ``...features.5.role``."""
+    parts, node = [], raw
+    for p in loc:
+        if isinstance(p, int) and parts and parts[-1] == "features" and isinstance(node, list) \
+                and p < len(node) and isinstance(node[p], Mapping) and node[p].get("name"):
+            parts[-1] = f"features[{node[p]['name']}]"
+        else:
+            parts.append(str(p))
+        if isinstance(node, Mapping):
+            node = node.get(p)
+        elif isinstance(node, list) and isinstance(p, int) and p < len(node):
+            node = node[p]
+        else:
+            node = None
+    return ".".join(parts)

@@ -24,6 +24,16 @@ class Method:
     target: str                        # "module:callable(spec, cfg, teachers) -> nn.Module"
     teachers: tuple[str, ...] = field(default_factory=tuple)
     doc: str = ""
+    # "module:class": the pydantic model of its distill.params ("": the method takes none)
+    params: str = ""
+
+    def params_model(self):
+        """The pydantic model of the method's ``distill.params`` (None: it takes none).
+        Imports the method's module (torch)."""
+        if not self.params:
+            return None
+        module, cls = self.params.split(":")
+        return getattr(importlib.import_module(module), cls)
 
     def build(self, spec, cfg, teachers: dict | None = None):
         module, fn = self.target.split(":")
@@ -39,27 +49,39 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            doc="ranking teacher on public + privileged features"),
     Method("pfd", "distill", "rec_models.distill.pfd:build_pfd", doc="PFD: joint teacher + student, soft labels"),
     Method("cross_encoder", "teacher", "rec_models.models.cross_encoder:build",
-           doc="transformer over user and item field tokens"),
+           doc="transformer over user and item field tokens",
+           params="rec_models.models.cross_encoder:CrossEncoderParams"),
     Method("dcn", "teacher", "rec_models.models.dcn:build",
-           doc="DCN: vector cross layers and a deep MLP over all field tokens"),
-    Method("colbert", "interaction", "rec_models.models.colbert:build", doc="ColBERT late interaction"),
+           doc="DCN: vector cross layers and a deep MLP over all field tokens",
+           params="rec_models.models.dcn:DCNParams"),
+    Method("colbert", "interaction", "rec_models.models.colbert:build", doc="ColBERT late interaction",
+           params="rec_models.models.dual_encoder:DualEncoderParams"),
     Method("youtube_dnn", "baseline", "rec_models.models.youtube_dnn:build",
-           doc="YouTubeDNN: history pooling, in-batch sampled softmax"),
+           doc="YouTubeDNN: history pooling, in-batch sampled softmax",
+           params="rec_models.models.youtube_dnn:YouTubeDNNParams"),
     Method("inttower", "interaction", "rec_models.models.inttower:build",
-           doc="IntTower: FE-block, light-SE, CIR contrastive loss"),
-    Method("mvke", "interaction", "rec_models.models.mvke:build", doc="MVKE: virtual-kernel experts, tag attention"),
+           doc="IntTower: FE-block, light-SE, CIR contrastive loss",
+           params="rec_models.models.inttower:IntTowerParams"),
+    Method("mvke", "interaction", "rec_models.models.mvke:build", doc="MVKE: virtual-kernel experts, tag attention",
+           params="rec_models.models.mvke:MVKEParams"),
     Method("kd", "distill", "rec_models.distill.kd:build", ("cross_encoder",),
-           doc="Hinton KD: soft labels of the frozen cross-encoder into DSSM"),
+           doc="Hinton KD: soft labels of the frozen cross-encoder into DSSM",
+           params="rec_models.distill.kd:KDParams"),
     Method("endx", "distill", "rec_models.distill.endx:build", ("cross_encoder",),
-           doc="ENDX: geometry alignment of in-batch distributions"),
+           doc="ENDX: geometry alignment of in-batch distributions",
+           params="rec_models.distill.endx:ENDXParams"),
     Method("trmd", "distill", "rec_models.distill.trmd:build", ("cross_encoder", "colbert"),
-           doc="TRMD: two frozen teachers, two student heads"),
+           doc="TRMD: two frozen teachers, two student heads",
+           params="rec_models.distill.trmd:TRMDParams"),
     Method("virt", "distill", "rec_models.distill.virt:build", ("cross_encoder",),
-           doc="VIRT: L2 on attention, attention-weighted pooling"),
+           doc="VIRT: L2 on attention, attention-weighted pooling",
+           params="rec_models.distill.virt:VIRTParams"),
     Method("distilled_dual_encoder", "distill", "rec_models.distill.distilled_dual_encoder:build", ("cross_encoder",),
-           doc="Distilled-DualEncoder: KL on attention + soft labels"),
+           doc="Distilled-DualEncoder: KL on attention + soft labels",
+           params="rec_models.distill.distilled_dual_encoder:DistilledDualEncoderParams"),
     Method("ernie_search", "distill", "rec_models.distill.ernie_search:build", ("cross_encoder",),
-           doc="ERNIE-Search: cross-encoder -> late interaction -> dual encoder cascade"),
+           doc="ERNIE-Search: cross-encoder -> late interaction -> dual encoder cascade",
+           params="rec_models.distill.ernie_search:ErnieSearchParams"),
 )}
 
 

@@ -24,6 +24,8 @@ from typing import Any, Iterable, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from rec_models.errors import BadInputError, InputNotFoundError, UserError
+
 PAD_INDEX = 0
 OOV_INDEX = 1
 FIRST_INDEX = 2
@@ -257,9 +259,15 @@ class FeatureSpec(_Strict):
     @classmethod
     def load(cls, path: str) -> "FeatureSpec":
         if not os.path.exists(path):
-            raise FileNotFoundError(f"no resolved FeatureSpec at {path}: run jobs/build_features.py first")
+            raise InputNotFoundError(f"no resolved FeatureSpec at {path}: run jobs/build_features.py first")
         with open(path) as fh:
-            return cls.from_json(fh.read())
+            text = fh.read()
+        try:
+            return cls.from_json(text)
+        except ValueError as exc:   # JSON syntax or schema: name the file, not only the parser's position
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise BadInputError(f"{path} is not a valid resolved FeatureSpec ({first}): rerun jobs/build_features.py "
+                             "to rewrite it") from None
 
     def resolve(self, updates: dict[str, dict]) -> "FeatureSpec":
         """A validated copy with ETL's statistics filled in (``updates``: feature -> fields)."""
@@ -273,5 +281,5 @@ class FeatureSpec(_Strict):
         return FeatureSpec.model_validate(data)
 
 
-class PrivilegedLeakError(ValueError):
+class PrivilegedLeakError(UserError, ValueError):
     """A privileged column was about to reach a student tower, the embedding job or serving."""

@@ -28,11 +28,26 @@ def spark():
     session.stop()
 
 
+def in_ci() -> bool:
+    """CI (the variable CI, as CI services set it) or DTT_REQUIRE_MOVIELENS=1: data the tests
+    need must be there, so that a missing ../shared fails instead of skipping silently."""
+    return (os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+            or os.environ.get("DTT_REQUIRE_MOVIELENS") == "1")
+
+
+def require_movielens(path: Path, marker: str) -> Path:
+    """``path`` if its MovieLens files (``marker``) are there; else skip, or fail in CI."""
+    if not (path / marker).exists():
+        msg = f"MovieLens not found at {path / marker} (../shared is absent); licence forbids shipping it"
+        if in_ci():
+            pytest.fail(f"CI is set but {msg}", pytrace=False)
+        pytest.skip(msg)
+    return path
+
+
 @pytest.fixture
 def ml100k_dir():
-    if not (ML100K / "ml-100k.inter").exists():
-        pytest.skip(f"MovieLens 100K not found at {ML100K} (../shared is absent); licence forbids shipping it")
-    return ML100K
+    return require_movielens(ML100K, "ml-100k.inter")
 
 
 @pytest.fixture(scope="module")

@@ -199,11 +199,12 @@ def test_split_fractions_too_large():
     assert cfg.data.split.test_fraction == pytest.approx(0.3)
 
 
-def test_split_scheme_is_global_or_per_user():
+def test_split_scheme_is_global_per_user_or_random():
     assert load_config().data.split.scheme == "global"
     assert load_config(overrides=["data.split.scheme=per_user"]).data.split.scheme == "per_user"
-    msg = _error(overrides=["data.split.scheme=random"])
-    assert "data.split.scheme" in msg and "per_user" in msg
+    assert load_config(overrides=["data.split.scheme=random"]).data.split.scheme == "random"
+    msg = _error(overrides=["data.split.scheme=weekly"])
+    assert "data.split.scheme" in msg and "per_user" in msg and "random" in msg
 
 
 def test_tables_source_needs_events():

@@ -14,6 +14,7 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from etl import delta_io as D
+from rec_models.config import ConfigError
 
 SCHEMA = T.StructType([
     T.StructField("i", T.IntegerType()), T.StructField("l", T.LongType(), False),
@@ -51,7 +52,7 @@ def test_session_has_no_native_delta_and_writer_resolution(spark):
     assert D.has_native_delta(spark) is False
     assert D.resolve_writer(spark, "auto") == "delta_rs"
     assert D.resolve_writer(spark, "delta_rs") == "delta_rs"
-    with pytest.raises(RuntimeError, match="native Delta"):
+    with pytest.raises(ConfigError, match="native Delta"):
         D.resolve_writer(spark, "spark")
     with pytest.raises(ValueError, match="'parquet'"):
         D.resolve_writer(spark, "parquet")

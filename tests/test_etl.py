@@ -143,8 +143,12 @@ def test_time_split_and_encodings(built):
     assert sorted(user_table.user_key) == sorted(users.uid)
     assert "ucat_clicks_7d" not in user_table.columns and "label" not in user_table.columns
     loaded = FeatureSpec.load(cfg.warehouse.spec_path)
-    assert loaded.resolved and loaded.split_times["test"] == order.loc["test", "min"] or \
-        loaded.split_times["test"] <= order.loc["test", "min"]
+    assert loaded.resolved
+    # the recorded cut times are the ones that split the events: a split starts at or after
+    # its cut, the split before it ends before it
+    times = loaded.split_times
+    assert order.loc["train", "max"] < times["valid"] <= order.loc["valid", "min"], (times, order)
+    assert order.loc["valid", "max"] < times["test"] <= order.loc["test", "min"], (times, order)
 
 
 def _expected_per_user_split(ev: pd.DataFrame, valid_fraction: float, test_fraction: float) -> pd.DataFrame:

@@ -321,7 +321,7 @@ def test_evaluate_errors_name_what_is_missing(trained):
         return code, buf.getvalue()
 
     code, msg = fails("run.version=v9", args=["--checkpoint", pfd["checkpoint"]])
-    assert code == 2 and "no embeddings for model pfd_student version v9" in msg and "jobs/distill.py" in msg
+    assert code == 2 and "no committed embeddings of model pfd_student version v9" in msg and "jobs/distill.py" in msg
     code, msg = fails("run.version=v9")
     assert code == 2 and "no checkpoint at" in msg
 

@@ -133,6 +133,21 @@ def test_teacher_job_then_distillation_from_frozen_teacher(pfd_run, capsys):
                       f"distill.teacher_checkpoint={teacher['checkpoint']}")
     assert frozen["metrics"]["teacher"]["auc"] > first["metrics"]["baseline"]["auc"]
     assert "baseline" not in frozen["metrics"]
+    # the frozen teacher's own weights came through the distillation run unchanged (its
+    # public embeddings are the student's, shared, and keep training)
+    import torch
+
+    from rec_models.training.loop import load_checkpoint, load_trained
+
+    before = load_checkpoint(teacher["checkpoint"])["model"]
+    model = load_trained(frozen["checkpoint"])[0]
+    teacher_only = {id(p) for m in model.teacher.teacher_only_modules() for p in m.parameters()}
+    after = {n: p for n, p in model.named_parameters() if id(p) in teacher_only}
+    assert after
+    for name, value in after.items():
+        assert torch.equal(value, before[name]), name
+    student = {n for n, _ in model.named_parameters() if n.startswith("student.")}
+    assert student and not any(n in after for n in student)
 
 
 def test_restore_best_epoch_keeps_the_epoch_of_best_validation_auc(pfd_run, monkeypatch):
@@ -161,13 +176,15 @@ def test_restore_best_epoch_keeps_the_epoch_of_best_validation_auc(pfd_run, monk
     result = pipeline.train(cfg, spec, "dssm", str(out), "r")
     assert result["selected_epoch"] == 1 and len(result["history"]) == 3
     kept = train.load_checkpoint(result["checkpoint"])
-    epoch_1 = train.load_checkpoint(str(out / "checkpoints" / "epoch_1.pt"))
-    epoch_2 = train.load_checkpoint(str(out / "checkpoints" / "epoch_2.pt"))
+    run_ckpts = out / "checkpoints" / "r"           # checkpoints live under the run id
+    assert result["checkpoint"] == str(run_ckpts / "last.pt")
+    epoch_1 = train.load_checkpoint(str(run_ckpts / "epoch_1.pt"))
+    epoch_2 = train.load_checkpoint(str(run_ckpts / "epoch_2.pt"))
     assert kept["epoch"] == 1
     for name, value in epoch_1["model"].items():
         assert torch.equal(kept["model"][name], value), name
     assert any(not torch.equal(epoch_2["model"][n], v) for n, v in epoch_1["model"].items())
-    model = train.load_trained(str(out / "checkpoints" / "epoch_1.pt"))[0]
+    model = train.load_trained(str(run_ckpts / "epoch_1.pt"))[0]
     assert result["test"] == pytest.approx(real_evaluate(model, files["test"], spec, cfg, torch.device("cpu")))
 
     scripted = iter([0.61, 0.65, 0.63])

@@ -105,7 +105,7 @@ def _horovod(job: TrainJob, train: TrainConf) -> dict:
     if slots is not None and train.num_processes > slots:
         # horovod.spark.run would wait (start timeout, 600 s by default) for tasks that
         # can never be scheduled
-        raise ValueError(f"train.num_processes={train.num_processes} Horovod processes need as many concurrent "
+        raise ConfigError(f"train.num_processes={train.num_processes} Horovod processes need as many concurrent "
                          f"Spark tasks, but master '{sc.master}' runs at most {slots} (spark.task.cpus="
                          f"{task_cpus}): lower train.num_processes or give the master more cores")
     # each process is one Spark task, which Spark budgets spark.task.cpus cores

@@ -42,6 +42,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
 
+from rec_models.errors import BadInputError
 from rec_models.spec import FeatureSpec, Kind
 
 __all__ = ["ArrowBatchLoader", "LoaderError"]
@@ -49,7 +50,7 @@ __all__ = ["ArrowBatchLoader", "LoaderError"]
 _INT, _FLOAT, _LIST = "int", "float", "list"
 
 
-class LoaderError(ValueError):
+class LoaderError(BadInputError):
     """The data does not match what the loader was asked for (names the column and file)."""
 
 

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from rec_models.config import ModelConf
+from rec_models.config import ConfigError, ModelConf
 from rec_models.models.student_only import StudentOnly
 from rec_models.serving.scoring import score_pairs
 from rec_models.layers.tokens import PublicTokens
@@ -78,9 +78,9 @@ class MVKE(nn.Module):
             wanted = [n for n in items if n != spec.keys.item]
         bad = [n for n in wanted if n not in items]
         if bad:
-            raise ValueError(f"distill.params.tag_fields: {bad} are not item features; item features: {items}")
+            raise ConfigError(f"distill.params.tag_fields: {bad} are not item features; item features: {items}")
         if not wanted:
-            raise ValueError("MVKE needs at least one tag field (distill.params.tag_fields): the item has no "
+            raise ConfigError("MVKE needs at least one tag field (distill.params.tag_fields): the item has no "
                              f"feature besides its id '{spec.keys.item}'")
         return list(wanted)
 

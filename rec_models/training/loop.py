@@ -11,9 +11,13 @@ A model is any module with ``training_loss(batch, step) -> (loss, logs)`` and
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import pickle
+import random
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -24,7 +28,7 @@ import torch
 from torch import nn
 
 from rec_models.training import distributed
-from rec_models.config import Config, validate_config
+from rec_models.config import Config, ConfigError, BadInputError, InputNotFoundError, validate_config
 from rec_models.loaders.arrow import ArrowBatchLoader
 from rec_models.loaders.factory import make_train_loader
 from rec_models.metrics import auc, logloss
@@ -112,8 +116,8 @@ def _train(job: TrainJob, cfg: Config, spec: FeatureSpec, collective: distribute
     # train.loader: arrow (the split's files) | petastorm (a converter the driver made)
     loader = make_train_loader(job.files["train"], getattr(job, "converter", None), spec, columns, rank, world, cfg)
     if len(loader) == 0:
-        raise ValueError(f"the training split has too few rows ({loader.num_rows} on rank {rank}) "
-                         f"for one batch of {tc.batch_size}")
+        raise ConfigError(f"the training split has too few rows ({loader.num_rows} on rank {rank}) "
+                          f"for one batch of train.batch_size={tc.batch_size}")
     step_module = _LossModule(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=tc.lr, weight_decay=tc.weight_decay)
@@ -123,7 +127,26 @@ def _train(job: TrainJob, cfg: Config, spec: FeatureSpec, collective: distribute
 
     history, step, best_auc, since_best, best_epoch = [], 0, -1.0, 0, None
     train_seconds = 0.0  # the epoch loops only: evaluation and checkpoints excluded
-    for epoch in range(tc.epochs):
+    # this run's checkpoints live under its run id: a rerun never mixes its epochs with another's
+    run_id = job.tags.get("run_id") or "unnamed"
+    ckpt_dir = os.path.join(job.out_dir, "checkpoints", run_id)
+    fingerprint = run_fingerprint(job)
+    start, epoch, stopped = 0, -1, False
+    resumed = resume_point(job, fingerprint) if tc.resume == "auto" else None
+    if resumed is not None:
+        ckpt = load_checkpoint(resumed)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        loop_state = ckpt["loop"]
+        history, step, best_auc = list(loop_state["history"]), int(ckpt["step"]), float(loop_state["best_auc"])
+        since_best, best_epoch = int(loop_state["since_best"]), loop_state["best_epoch"]
+        train_seconds, stopped = float(loop_state["train_seconds"]), bool(loop_state["stopped"])
+        epoch = int(ckpt["epoch"])
+        start = epoch + 1
+        _set_rng_state(ckpt["rng"], device)
+        if rank == 0:
+            log.info("train.resume=auto: run %s continues after epoch %d from %s", run_id, epoch, resumed)
+    for epoch in range(start, 0 if stopped else tc.epochs):
         model.train()
         loader.set_epoch(epoch)
         sums: dict[str, float] = {}
@@ -143,7 +166,6 @@ def _train(job: TrainJob, cfg: Config, spec: FeatureSpec, collective: distribute
         record = {"epoch": epoch, "steps": step, **{f"train_{k}": v / max(1, len(loader)) for k, v in sums.items()}}
         if rank == 0:
             record.update({f"valid_{k}": v for k, v in evaluate(model, job.files["valid"], spec, cfg, device).items()})
-            save_checkpoint(os.path.join(job.out_dir, "checkpoints", f"epoch_{epoch}.pt"), model, optimizer, epoch, step, job)
             log.info("epoch %d: %s", epoch, json.dumps(record))
         history.append(record)
         key = _selection_metric(record)   # None on ranks > 0: they do not evaluate
@@ -152,6 +174,15 @@ def _train(job: TrainJob, cfg: Config, spec: FeatureSpec, collective: distribute
         elif key is not None:
             since_best += 1
         stop = bool(tc.early_stopping_patience) and since_best >= tc.early_stopping_patience
+        if rank == 0:
+            # everything a resumed run needs to go on exactly as this one would (train.resume=auto)
+            loop_state = {"history": history, "best_auc": best_auc, "since_best": since_best,
+                          "best_epoch": best_epoch, "train_seconds": train_seconds, "stopped": stop}
+            path = os.path.join(ckpt_dir, f"epoch_{epoch}.pt")
+            save_checkpoint(path, model, optimizer, epoch, step, job,
+                            extra={"loop": loop_state, "rng": _rng_state(device)})
+            write_run_state(job.out_dir, {"run_id": run_id, "kind": job.kind, "fingerprint": fingerprint,
+                                          "last_complete_epoch": epoch, "checkpoint": path, "finished": False})
         # rank 0 decides (it alone evaluates); every rank follows, or the next
         # gradient average would wait forever for the ranks that stopped
         if collective.broadcast_flag(stop):
@@ -161,19 +192,24 @@ def _train(job: TrainJob, cfg: Config, spec: FeatureSpec, collective: distribute
         selected = epoch
         if tc.restore_best_epoch and best_epoch is not None and best_epoch != epoch:
             # rank 0 alone scores the test split and writes the result: only its weights matter
-            best = load_checkpoint(os.path.join(job.out_dir, "checkpoints", f"epoch_{best_epoch}.pt"))
+            best = load_checkpoint(os.path.join(ckpt_dir, f"epoch_{best_epoch}.pt"))
             model.load_state_dict(best["model"])
             selected = best_epoch
-        final = os.path.join(job.out_dir, "checkpoints", "last.pt")
+        final = os.path.join(ckpt_dir, "last.pt")
         save_checkpoint(final, model, optimizer, selected, step, job)
+        # checkpoints/last.pt: the last finished run's model, where jobs/evaluate.py looks
+        _publish(final, os.path.join(job.out_dir, "checkpoints", "last.pt"))
         result = {
             "kind": job.kind, "checkpoint": final, "history": history, "selected_epoch": selected,
             "train_seconds": train_seconds, "steps": step, "world_size": world,
             "samples_per_second": step * tc.batch_size * world / max(train_seconds, 1e-9),
             "test": evaluate(model, job.files["test"], spec, cfg, device),
         }
-        with open(os.path.join(job.out_dir, "metrics.json"), "w") as fh:
-            json.dump(result, fh, indent=2)
+        for folder in (ckpt_dir, job.out_dir):   # the run's own, and the training folder's latest
+            with open(os.path.join(folder, "metrics.json"), "w") as fh:
+                json.dump(result, fh, indent=2)
+        write_run_state(job.out_dir, {"run_id": run_id, "kind": job.kind, "fingerprint": fingerprint,
+                                      "last_complete_epoch": epoch, "checkpoint": final, "finished": True})
     if world > 1:
         # every process returns rank 0's result: TorchDistributor keeps whichever output
         # file a process wrote last, not necessarily rank 0's
@@ -221,21 +257,145 @@ def evaluate(model: nn.Module, files: list[str], spec: FeatureSpec, cfg: Config,
     return out
 
 
-def save_checkpoint(path: str, model: nn.Module, optimizer, epoch: int, step: int, job: TrainJob) -> None:
-    """Atomic: a reader sees the previous checkpoint or this one, never a torn file."""
+def save_checkpoint(path: str, model: nn.Module, optimizer, epoch: int, step: int, job: TrainJob,
+                    extra: Optional[dict] = None) -> None:
+    """Atomic: a reader sees the previous checkpoint or this one, never a torn file.
+
+    Plain data only (tensors, numbers, strings, lists, dicts), so that
+    :func:`load_checkpoint` can read it with ``weights_only=True``. ``extra``: an epoch
+    checkpoint's loop state and RNG states, for ``train.resume=auto``."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch, "step": step,
-             "kind": job.kind, "spec_json": job.spec_json, "config": job.config, "tags": job.tags}
+             "kind": job.kind, "spec_json": job.spec_json, "config": job.config, "tags": job.tags, **(extra or {})}
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
     os.close(fd)
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+CHECKPOINT_KEYS = ("model", "kind", "config", "spec_json")
 
 
 def load_checkpoint(path: str) -> dict:
+    """A checkpoint's contents, read with ``weights_only=True`` (tensors and plain data: a
+    crafted file cannot run code). A missing, empty, truncated or foreign file is a user
+    error naming the file."""
     if not os.path.exists(path):
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    return torch.load(path, map_location="cpu", weights_only=False)
+        raise InputNotFoundError(f"no checkpoint at {path}")
+    if os.path.isdir(path):
+        raise BadInputError(f"checkpoint {path} is a folder, not a checkpoint file")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise BadInputError(f"checkpoint {path} is not loadable as plain data (weights_only=True refused it: "
+                             f"it holds other objects, or is not a checkpoint): "
+                             f"{' '.join(str(exc).split())[:300]}") from None
+    except (EOFError, RuntimeError, OSError, ValueError) as exc:
+        size = os.path.getsize(path)
+        raise BadInputError(f"checkpoint {path} ({size} bytes) is empty, truncated or not a checkpoint: "
+                             f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}") from None
+    missing = [k for k in CHECKPOINT_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise BadInputError(f"checkpoint {path} is not a training checkpoint of this project: "
+                             f"missing {', '.join(missing)}")
+    return ckpt
+
+
+# ---------------------------------------------------------------- train.resume=auto
+
+RUN_STATE = "run_state.json"
+
+
+def run_fingerprint(job: TrainJob) -> str:
+    """What makes two trainings "the same run": method, conf (train.resume aside), spec and
+    the teachers' checkpoints. A resumed run must match the interrupted one on all of them."""
+    config = json.loads(json.dumps(job.config, default=str))
+    config.get("train", {}).pop("resume", None)
+    payload = {"kind": job.kind, "config": config, "spec_json": job.spec_json, "teachers": job.teachers,
+               "teacher_checkpoint": job.teacher_checkpoint}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def read_run_state(out_dir: str) -> Optional[dict]:
+    """The run state of ``out_dir`` (None when there is none or it is unreadable)."""
+    path = os.path.join(out_dir, RUN_STATE)
+    try:
+        with open(path) as fh:
+            state = json.load(fh)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        log.warning("ignoring the unreadable run state %s: %s", path, exc)
+        return None
+    return state if isinstance(state, dict) else None
+
+
+def write_run_state(out_dir: str, state: dict) -> None:
+    """Atomically: which run last trained in ``out_dir``, its last complete epoch, whether it finished."""
+    os.makedirs(out_dir, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out_dir, suffix=".tmp")
+    with os.fdopen(fd, "w") as fh:
+        json.dump(state, fh, indent=2)
+    os.replace(tmp, os.path.join(out_dir, RUN_STATE))
+
+
+def resume_point(job: TrainJob, fingerprint: str) -> Optional[str]:
+    """The epoch checkpoint ``job`` continues from under ``train.resume=auto``: the last
+    complete epoch of the same run (same run id and fingerprint) in ``job.out_dir``; None
+    to start from scratch."""
+    state = read_run_state(job.out_dir)
+    run_id = job.tags.get("run_id")
+    if not state or state.get("run_id") != run_id or state.get("last_complete_epoch") is None:
+        return None
+    if state.get("fingerprint") != fingerprint:
+        log.info("train.resume=auto: run %s in %s was trained with another conf, spec or teachers; "
+                 "starting from scratch", run_id, job.out_dir)
+        return None
+    path = os.path.join(job.out_dir, "checkpoints", run_id, f"epoch_{int(state['last_complete_epoch'])}.pt")
+    return path if os.path.exists(path) else None
+
+
+def _rng_state(device) -> dict:
+    """Every RNG the loop draws from, as tensors and plain data (loadable with weights_only)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    state = {"torch": torch.get_rng_state(),
+             "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "gauss": float(gauss)},
+             "python": {"version": version, "internal": list(internal), "gauss_next": gauss_next}}
+    if getattr(device, "type", "cpu") == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict, device) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["internal"]), py["gauss_next"]))
+    if "cuda" in state and getattr(device, "type", "cpu") == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _publish(src: str, dst: str) -> None:
+    """``dst`` becomes a copy of ``src`` (a hard link where possible), atomically."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(dst), suffix=".tmp")
+    os.close(fd)
+    try:
+        os.unlink(tmp)
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def load_trained(path: str) -> tuple[nn.Module, FeatureSpec, Config]:
