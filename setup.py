@@ -16,6 +16,7 @@ BASE = [
     "deltalake==1.6.6",    # delta-rs: Delta commits where Spark has no Delta jars
     "scikit-learn>=1.3",
     "matplotlib>=3.8",     # evaluation report plots (Agg backend, no display needed)
+    "implicit==0.7.3",     # ALS / BPR retrieval baselines (rec_models/baselines), CPU models
 ]
 LOCAL = [
     "pyspark==4.2.0",      # delta-spark 4.4.1 requires pyspark <= 4.2.0

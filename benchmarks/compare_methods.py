@@ -11,6 +11,11 @@ tables, training seconds (the method's own epochs; shared teachers excluded), an
 share of the baseline-to-teacher AUC gap closed by a distillation method: (AUC_student - AUC_dssm) /
 (AUC_teacher - AUC_dssm), with the method's own teacher (the PFD teacher for PFD, the
 cross-encoder for the others).
+
+With ``eval.baselines`` (default true), per seed also the rows of ``orchestration.baselines``:
+most_popular (train clicks), als and bpr (``implicit``; settings chosen on valid Recall@50,
+refit on train + valid, seeded by run.seed), scored on the same test clicks by the same
+retrieval code; AUC/LogLoss do not apply ('-'), "train s" is the refit's seconds.
 """
 from __future__ import annotations
 
@@ -28,6 +33,7 @@ from etl.spark import get_spark
 from rec_models.config import load_config
 from rec_models.methods import METHODS
 
+BASELINES = ("most_popular", "als", "bpr")   # orchestration.baselines, rows beside the methods
 ORDER = ["dssm", "youtube_dnn", "colbert", "inttower", "mvke", "pfd", "kd", "endx", "trmd", "virt",
          "distilled_dual_encoder", "ernie_search"]
 SHARED_TEACHERS = ("cross_encoder", "colbert")
@@ -60,7 +66,8 @@ def main(argv=None) -> int:
         for name, value in seed_teachers.items():
             teacher_auc.setdefault(name, []).append(value)
     report = {"dataset": base.data.name, "seeds": seeds, "teachers": teacher_auc, "rows": rows,
-              "summary": summarise(rows, methods), "machine": f"{os.cpu_count()} cores",
+              "summary": summarise(rows, [*methods, *(b for b in BASELINES if any(r["method"] == b for r in rows))]),
+              "machine": f"{os.cpu_count()} cores",
               "backend": base.train.backend, "epochs": base.train.epochs, "wall_seconds": time.time() - started}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out + ".json", "w") as fh:
@@ -90,7 +97,7 @@ def run_seed(spark, dataset, methods: list[str], overrides: list[str]) -> tuple[
     rows = []
     for m in methods:
         cfg = load_config(dataset=dataset, method=m, overrides=[
-            *overrides, f"run.name={m}", "distill.train_baseline=false",
+            *overrides, f"run.name={m}", "distill.train_baseline=false", "eval.baselines=false",
             *[f"distill.teachers.{t}={path}" for t, path in teachers.items()]])
         out = pipeline.run_method(spark, cfg, m)
         metrics = out["metrics"]
@@ -105,6 +112,13 @@ def run_seed(spark, dataset, methods: list[str], overrides: list[str]) -> tuple[
             r["auc_gain"] = r["student_auc"] - baseline
             if r["role"] == "distill" and r["teacher_auc"] - baseline > 1e-9:   # a teacher to close on
                 r["gap_closed"] = r["auc_gain"] / (r["teacher_auc"] - baseline)
+    if base.eval.baselines:   # once per seed, not per method: they do not depend on the method
+        from orchestration.baselines import retrieval_baselines
+
+        for name, res in retrieval_baselines(base).items():
+            rows.append({"method": name, "role": "reference", "train_seconds": res["fit_seconds"],
+                         **{k: v for k, v in res.items() if "@" in k},   # as the methods' rows
+                         **({"chosen": res["chosen"], "tune_seconds": res["tune_seconds"]} if "chosen" in res else {})})
     return rows, teacher_auc
 
 
@@ -148,6 +162,11 @@ def markdown(report: dict) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "`*`: the mean AUC gain over DSSM is positive and larger than its standard deviation "
               "over seeds (gains are paired: each seed's method against the same seed's DSSM)."]
+    if any(r["role"] == "reference" for r in summary):
+        lines += ["", "Role `reference`: no features, no towers (orchestration/baselines.py). most_popular ranks "
+                  "items by train clicks; als and bpr (`implicit`) take the setting of best valid Recall@50 "
+                  "(train clicks excluded), refit on train + valid; train s is that refit. Same test clicks, "
+                  "train/valid clicks excluded, same metric code as the methods."]
     return "\n".join(lines) + "\n"
 
 

@@ -288,6 +288,14 @@ def retrieval_from_tables(cfg: Config, emb: Embeddings, samples_version: Optiona
 def positive_pairs(files: list[str], label: str, user_ids: pd.Index, item_ids: pd.Index) -> np.ndarray:
     """Sorted distinct keys ``user_pos * n_items + item_pos`` of the clicks (label > 0.5) in
     ``files`` whose user and item have embeddings; streamed, 8 bytes per distinct pair."""
+    return click_keys(files, label, user_ids, item_ids, distinct=True)
+
+
+def click_keys(files: list[str], label: str, user_ids: pd.Index, item_ids: pd.Index,
+               distinct: bool = False) -> np.ndarray:
+    """Packed keys ``user_pos * n_items + item_pos``, one per clicked row (label > 0.5) of
+    ``files`` whose user and item are known; ``distinct``: sorted and deduplicated (each
+    batch as it is read, so memory follows the distinct pairs, not the clicks)."""
     n_items, parts = len(item_ids), [np.zeros(0, np.int64)]
     for batch in _scan(files, ["user_key", "item_key", label]):
         batch = batch.filter(pc.greater(batch.column(2), 0.5))
@@ -296,8 +304,10 @@ def positive_pairs(files: list[str], label: str, user_ids: pd.Index, item_ids: p
         u = user_ids.get_indexer(_strings(batch.column(0)))
         i = item_ids.get_indexer(_strings(batch.column(1)))
         known = (u >= 0) & (i >= 0)
-        parts.append(np.unique(u[known].astype(np.int64) * n_items + i[known]))
-    return np.unique(np.concatenate(parts))
+        keys = u[known].astype(np.int64) * n_items + i[known]
+        parts.append(np.unique(keys) if distinct else keys)
+    keys = np.concatenate(parts)
+    return np.unique(keys) if distinct else keys
 
 
 def retrieval_from_arrays(users: np.ndarray, items: np.ndarray, score_kind: str, positives: np.ndarray,

@@ -149,6 +149,10 @@ def run_method(spark, cfg: Config, method: str) -> dict:
         out["tables"].update(write_embeddings(spark, cfg, bundle, tag))
         out["bundle"] = bundle
         metrics["student_retrieval"] = retrieval_metrics(cfg, tag)
+    if cfg.eval.baselines:   # most popular, ALS, BPR on the same split and metric code
+        from orchestration.baselines import retrieval_baselines
+
+        metrics["retrieval_baselines"] = retrieval_baselines(cfg)
     finish_run(run_dir(cfg, method), tag.run_id)
     return out
 

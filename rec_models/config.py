@@ -245,6 +245,8 @@ class EvalConf(_Section):
     k: list[int] = Field(default_factory=lambda: [10, 50, 100])
     user_batch_size: int = Field(4096, ge=1)
     item_chunk_size: int = Field(262_144, ge=1)
+    # most popular, ALS and BPR (orchestration.baselines) in run_method's metrics
+    baselines: bool = True
 
     @field_validator("k")
     @classmethod

@@ -40,7 +40,7 @@ def _method_run(shared, results, method):
 
     if method not in results:
         tmp, teachers = shared
-        overrides = [f"run.name={method}", "distill.train_baseline=false",
+        overrides = [f"run.name={method}", "distill.train_baseline=false", "eval.baselines=false",
                      *[f"distill.teachers.{t}={o['checkpoint']}" for t, o in teachers.items()]]
         with _Capture() as cap:
             results[method] = _run_job(distill, tmp, cap, *overrides, args=["--method", method])

@@ -103,6 +103,19 @@ def test_retrieval_from_tables_beats_random(pfd_run):
     assert 0 < r["ndcg@10"] <= 1
 
 
+def test_the_job_result_carries_the_retrieval_baselines_on_the_same_test_set(pfd_run):
+    """eval.baselines (default true): most popular, ALS and BPR beside the student, with
+    its metric keys and over the same test users and clicks."""
+    _, result = pfd_run
+    student, baselines = result["metrics"]["student_retrieval"], result["metrics"]["retrieval_baselines"]
+    assert set(baselines) == {"most_popular", "als", "bpr"}
+    for name, b in baselines.items():
+        assert {k for k in student if "@" in k} <= set(b), name
+        assert b["users"] == student["users"] and b["positives"] == student["positives"], (name, b, student)
+        assert b["recall@50"] > 1.2 * 50 / student["items"], (name, b)
+    assert set(baselines["als"]["chosen"]) >= {"factors", "regularization"}
+
+
 def test_chained_jobs_rerun_replace_their_rows(pfd_run, capsys):
     """write_embeddings reads what distill_pfd left; a rerun of the same version does not
     duplicate rows; another version adds its own partition."""
