@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from rec_models.config import load_config
+from rec_models.distill.base import freeze
 from rec_models.models.cross_encoder import CrossEncoder
 
 try:
@@ -54,9 +55,7 @@ def teacher(spec, cfg):
         opt.zero_grad()
         loss.backward()
         opt.step()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model.eval()
+    return freeze(model)
 
 
 def short_training(model, spec, steps: int = 150) -> tuple[dict, dict, dict[str, torch.Tensor]]:

@@ -9,6 +9,7 @@ import torch
 from pydantic import ValidationError
 
 from rec_models.config import ConfigError, ModelConf, load_config
+from rec_models.distill.base import freeze
 from rec_models.models.cross_encoder import CrossEncoder
 from rec_models.models.dssm import DSSM
 from rec_models.distill.endx import (GAM_PAIRS, ENDXModel, ENDXParams, ENDXStudent, distribution_kl,
@@ -67,9 +68,7 @@ def trained_teacher(spec, conf):
         opt.zero_grad()
         loss.backward()
         opt.step()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    return teacher.eval()
+    return freeze(teacher)
 
 
 def fresh_teacher(spec, conf, seed: int = 0) -> CrossEncoder:
@@ -80,9 +79,7 @@ def fresh_teacher(spec, conf, seed: int = 0) -> CrossEncoder:
 def frozen_copy(teacher: CrossEncoder, spec, conf) -> CrossEncoder:
     copy = CrossEncoder(spec, conf, teacher.params.model_dump())
     copy.load_state_dict(teacher.state_dict())
-    for p in copy.parameters():
-        p.requires_grad_(False)
-    return copy.eval()
+    return freeze(copy)
 
 
 # ---- losses ------------------------------------------------------------------------------

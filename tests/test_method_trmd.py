@@ -10,6 +10,7 @@ from pydantic import ValidationError
 
 from rec_models.models.colbert import ColBERTModel
 from rec_models.config import ConfigError, ModelConf, load_config
+from rec_models.distill.base import freeze
 from rec_models.models.cross_encoder import CrossEncoder
 from rec_models.serving.export import export_student, load_student
 from rec_models.losses import bce
@@ -51,12 +52,6 @@ def interaction_batch(spec, n: int, seed: int) -> dict[str, torch.Tensor]:
     return batch
 
 
-def _freeze(model):
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model.eval()
-
-
 def _train(model, spec, steps: int):
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     model.train()
@@ -65,7 +60,7 @@ def _train(model, spec, steps: int):
         opt.zero_grad()
         loss.backward()
         opt.step()
-    return _freeze(model)
+    return freeze(model)
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +80,7 @@ def teachers_copy(trained_teachers, spec, conf):
     c.load_state_dict(cross.state_dict())
     b = ColBERTModel(spec, conf, COLBERT_PARAMS)
     b.load_state_dict(colbert.state_dict())
-    return _freeze(c), _freeze(b)
+    return freeze(c), freeze(b)
 
 
 def make_model(spec, conf, trained_teachers, params=None) -> TRMDModel:
