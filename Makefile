@@ -18,8 +18,13 @@ $(VENV)/.installed: setup.py
 SUBMIT := $(VENV)/bin/spark-submit --master 'local[2]' --driver-memory 4g \
 	--driver-java-options '-Dlog4j2.configurationFile=$(abspath conf/log4j2.properties)'
 
+# Delta's jars of the installed delta-spark (etl/spark.py's delta_package, as Delta's
+# configure_spark_with_delta_pip names them): Ivy fetches them from Maven Central once
+# (~/.ivy2.5.2), and the job's session gets Delta's extension and catalog
+DELTA_PACKAGES = $(shell $(PY) -c 'from etl.spark import delta_package; print(delta_package())')
+
 run: venv
-	$(SUBMIT) jobs/distill_pfd.py $(ARGS)
+	$(SUBMIT) --packages $(DELTA_PACKAGES) jobs/distill_pfd.py $(ARGS)
 
 test: venv
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -19,9 +19,15 @@ BASE = [
     "implicit==0.7.3",     # ALS / BPR retrieval baselines (rec_models/baselines), CPU models
 ]
 LOCAL = [
-    "pyspark==4.2.0",      # delta-spark 4.4.1 requires pyspark <= 4.2.0
+    "pyspark==4.2.0",      # delta-spark 4.4 requires pyspark <= 4.2.0
     "pyarrow>=18",         # pyspark 4.x refuses older pyarrow for Arrow features
-    "delta-spark==4.4.1",
+    # Delta's jars come from Maven Central (etl/spark.py: configure_spark_with_delta_pip names
+    # io.delta:delta-spark_<spark major.minor>_2.13:<this version>); 4.4.1's jars are not on
+    # Maven Central, 4.4.0's are
+    "delta-spark==4.4.0",
+    # tracking (orchestration/tracking.py); Databricks ML runtimes ship their own, so not in
+    # BASE: the wheel must not replace it. mlflow 3.17 caps pyarrow below 26.
+    "mlflow==3.17.2",
     "torch==2.13.0",       # the CPU wheel on these machines; a range would pull CUDA builds
 ]
 # Horovod 0.28.1 (the last release) does not build against torch >= 2.1 as released:
@@ -62,6 +68,9 @@ NOTEBOOK = [             # notebooks/: query the embedding tables from DuckDB, r
 TEST = [
     "pytest>=8",
     "pytest-timeout>=2.3",
+    "scipy>=1.10",                 # paired t-tests of benchmarks/compare_methods.py (also under implicit)
+    "build>=1.2",                  # tests/test_bundle.py builds the wheel the bundle installs
+    "databricks-bundles==1.22.1",  # its typed job model checks resources/*.yml (tests/test_bundle.py)
 ]
 
 setup(
@@ -72,5 +81,7 @@ setup(
                                     "jobs", "jobs.*"]),
     python_requires=">=3.10",
     install_requires=BASE,
+    # the jobs as one console script (the Databricks bundle's python_wheel_task entry point)
+    entry_points={"console_scripts": ["dtt=jobs._common:cli"]},
     extras_require={"local": LOCAL, "test": TEST, "notebook": NOTEBOOK, "dev": LOCAL + TEST + NOTEBOOK, "petastorm": PETASTORM, "horovod": HOROVOD},
 )

@@ -34,8 +34,8 @@ from rec_models.config import load_config
 from rec_models.methods import METHODS
 
 BASELINES = ("most_popular", "als", "bpr")   # orchestration.baselines, rows beside the methods
-ORDER = ["dssm", "youtube_dnn", "colbert", "inttower", "mvke", "pfd", "kd", "endx", "trmd", "virt",
-         "distilled_dual_encoder", "ernie_search"]
+ORDER = ["dssm", "youtube_dnn", "colbert", "inttower", "mvke", "pfd", "kd", "endx", "trmd_student", "trmd",
+         "token_dual_encoder_attn", "virt", "token_dual_encoder", "distilled_dual_encoder", "ernie_search"]
 SHARED_TEACHERS = ("cross_encoder", "colbert")
 
 
@@ -65,9 +65,10 @@ def main(argv=None) -> int:
         rows += [{**r, "seed": seed} for r in seed_rows]
         for name, value in seed_teachers.items():
             teacher_auc.setdefault(name, []).append(value)
+    summary = summarise(rows, [*methods, *(b for b in BASELINES if any(r["method"] == b for r in rows))])
     report = {"dataset": base.data.name, "seeds": seeds, "teachers": teacher_auc, "rows": rows,
-              "summary": summarise(rows, [*methods, *(b for b in BASELINES if any(r["method"] == b for r in rows))]),
-              "machine": f"{os.cpu_count()} cores",
+              "summary": summary, "paired": paired_tests(rows), "against_baselines": against_baselines(summary),
+              "machine": f"{os.cpu_count()} cores", "select_k": base.eval.select_k, "objective": base.student.objective,
               "backend": base.train.backend, "epochs": base.train.epochs, "wall_seconds": time.time() - started}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out + ".json", "w") as fh:
@@ -78,16 +79,24 @@ def main(argv=None) -> int:
     return 0
 
 
+def objective_of(method: str, cfg) -> str:
+    """What trained the method's towers: student.objective for the DSSM students that
+    follow it (``rec_models.objectives``), the method's own loss otherwise."""
+    follows = {n for n, m in METHODS.items() if m.undistilled} | {m.undistilled for m in METHODS.values() if m.undistilled}
+    return cfg.student.objective if method in follows else ("sampled_softmax" if method == "youtube_dnn" else "own")
+
+
 def run_seed(spark, dataset, methods: list[str], overrides: list[str]) -> tuple[list[dict], dict[str, float]]:
-    """Shared teachers, then every method, all with one run.seed; AUC gains are paired
-    with this seed's DSSM."""
+    """Shared teachers, then every method, all with one run.seed (gains are paired per seed
+    with the method's undistilled student in ``paired_tests``)."""
     from rec_models.training.loop import teacher_config
 
     base = load_config(dataset=dataset, overrides=overrides)
     spec = pipeline.load_spec(base)
     run_id = pipeline.new_run_id()
     teachers, teacher_auc = {}, {}
-    for name in SHARED_TEACHERS:
+    needed = {t for m in methods for t in METHODS[m].teachers}
+    for name in (t for t in SHARED_TEACHERS if t in needed):   # only the teachers the methods use
         t0 = time.time()
         res = pipeline.train(teacher_config(base, name), spec, name, pipeline.run_dir(base, "teachers", name), run_id)
         teachers[name] = res["checkpoint"]
@@ -102,16 +111,13 @@ def run_seed(spark, dataset, methods: list[str], overrides: list[str]) -> tuple[
         out = pipeline.run_method(spark, cfg, m)
         metrics = out["metrics"]
         row = {"method": m, "role": METHODS[m].role, "train_seconds": out["train_seconds"],
+               "selected_epoch": out["selected_epoch"], "objective_name": objective_of(m, cfg),
+               **{f"valid_{k}": v for k, v in out["valid"].items() if k in ("student_recall@50", "student_auc")},
                **{f"student_{k}": v for k, v in metrics["student"].items() if k != "rows"},
                **{k: v for k, v in metrics.get("student_retrieval", {}).items() if "@" in k}}
-        row["teacher_auc"] = metrics["teacher"]["auc"] if "teacher" in metrics else teacher_auc["cross_encoder"]
+        if METHODS[m].role == "distill":
+            row["teacher_auc"] = metrics["teacher"]["auc"] if "teacher" in metrics else teacher_auc.get("cross_encoder")
         rows.append(row)
-    baseline = next((r["student_auc"] for r in rows if r["method"] == "dssm"), None)
-    for r in rows:
-        if baseline is not None:
-            r["auc_gain"] = r["student_auc"] - baseline
-            if r["role"] == "distill" and r["teacher_auc"] - baseline > 1e-9:   # a teacher to close on
-                r["gap_closed"] = r["auc_gain"] / (r["teacher_auc"] - baseline)
     if base.eval.baselines:   # once per seed, not per method: they do not depend on the method
         from orchestration.baselines import retrieval_baselines
 
@@ -123,50 +129,120 @@ def run_seed(spark, dataset, methods: list[str], overrides: list[str]) -> tuple[
 
 
 def summarise(rows: list[dict], methods: list[str]) -> list[dict]:
-    """Mean and standard deviation over seeds of every numeric column, per method."""
+    """Mean and standard deviation over seeds of every numeric column, per method: the
+    columns are the union over all seeds' rows (a column one seed lacks is averaged over
+    the seeds that have it, and ``<col>_n`` says how many)."""
     out = []
     for m in methods:
         mine = [r for r in rows if r["method"] == m]
-        keys = [k for k, v in mine[0].items() if isinstance(v, (int, float)) and k != "seed"]
-        row = {"method": m, "role": mine[0]["role"], "seeds": len(mine)}
+        if not mine:
+            continue
+        keys = list(dict.fromkeys(k for r in mine for k, v in r.items()
+                                  if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "seed"))
+        row = {"method": m, "role": mine[0]["role"], "seeds": len(mine),
+               **({"objective_name": mine[0]["objective_name"]} if "objective_name" in mine[0] else {})}
         for k in keys:
             values = np.array([r[k] for r in mine if k in r], dtype=float)
             row[k] = float(values.mean())
             row[f"{k}_std"] = float(values.std(ddof=1)) if values.size > 1 else 0.0
-        if "auc_gain" in row:  # measurable: the mean gain exceeds its spread over seeds
-            row["gain_exceeds_spread"] = bool(row["auc_gain"] > 0 and row["auc_gain"] > row["auc_gain_std"])
+            if values.size != len(mine):
+                row[f"{k}_n"] = int(values.size)
         out.append(row)
     return out
 
 
+PAIRED_METRICS = ("recall@50", "ndcg@50", "recall@10", "student_auc")
+
+
+def paired_tests(rows: list[dict], metrics: tuple[str, ...] = PAIRED_METRICS) -> list[dict]:
+    """Each distillation method against its undistilled student (``Method.undistilled``,
+    same architecture and objective), paired per seed: mean gain, seeds won, and the paired
+    t-test (``scipy.stats.ttest_rel``, two-sided). A seed missing either row is left out of
+    that pair, and the count says so. For AUC also the share of the teacher's gap closed,
+    as the ratio of mean gains: mean(s - base) / mean(teacher - base)."""
+    from scipy.stats import ttest_rel
+
+    by = {(r["method"], r["seed"]): r for r in rows}
+    seeds = sorted({r["seed"] for r in rows})
+    out = []
+    for m in dict.fromkeys(r["method"] for r in rows):
+        base = METHODS[m].undistilled if m in METHODS else ""
+        if not base:
+            continue
+        for metric in metrics:
+            pairs = [(by[(m, s)][metric], by[(base, s)][metric], by[(m, s)].get("teacher_auc"))
+                     for s in seeds if (m, s) in by and (base, s) in by
+                     and metric in by[(m, s)] and metric in by[(base, s)]]
+            if not pairs:
+                continue
+            a, b = np.array([p[0] for p in pairs]), np.array([p[1] for p in pairs])
+            test = {"method": m, "undistilled": base, "metric": metric, "seeds": len(pairs),
+                    "mean": float(a.mean()), "undistilled_mean": float(b.mean()), "gain": float((a - b).mean()),
+                    "wins": int((a > b).sum()),
+                    "p_value": float(ttest_rel(a, b).pvalue) if len(pairs) > 1 and np.any(a != b) else float("nan")}
+            if metric == "student_auc" and all(p[2] is not None for p in pairs):
+                gap = float(np.mean([p[2] for p in pairs]) - b.mean())
+                test["gap_closed"] = test["gain"] / gap if gap > 1e-9 else float("nan")
+            out.append(test)
+    return out
+
+
+def against_baselines(summary: list[dict], metric: str = "recall@50") -> dict:
+    """The best student's mean ``metric`` over the better of most-popular and ALS (the issue's
+    1.1x goal), with the rows it compares."""
+    refs = {r["method"]: r[metric] for r in summary if r["method"] in ("most_popular", "als") and metric in r}
+    students = [r for r in summary if r["role"] != "reference" and metric in r]
+    if not refs or not students:
+        return {}
+    best = max(students, key=lambda r: r[metric])
+    ref_name = max(refs, key=refs.get)
+    return {"metric": metric, "best_student": best["method"], "best_student_value": best[metric],
+            "reference": ref_name, "reference_value": refs[ref_name], "ratio": best[metric] / refs[ref_name]}
+
+
 def markdown(report: dict) -> str:
     summary = report["summary"]
-    ks = sorted({k for r in summary for k in r if k.startswith(("recall@", "ndcg@")) and not k.endswith("_std")},
+    ks = sorted({k for r in summary for k in r if k.startswith(("recall@", "ndcg@")) and not k.endswith(("_std", "_n"))},
                 key=lambda k: (k.split("@")[0], int(k.split("@")[1])))
-    head = ["method", "role", "AUC", "LogLoss", *ks, "AUC gain vs DSSM", "its teacher's AUC", "gap closed",
-            "train s"]
+    head = ["method", "role", "objective", *ks, "AUC", "LogLoss", "valid Recall@50", "epoch", "train s"]
     teachers = ", ".join(f"{k} {np.mean(v):.4f} ± {np.std(v, ddof=1) if len(v) > 1 else 0:.4f}"
                          for k, v in report["teachers"].items())
-    lines = [f"Dataset: {report['dataset']}; seeds {report['seeds']} (mean ± std over seeds); "
-             f"{report['epochs']} epochs; {report['machine']}; teachers AUC: {teachers}", "",
+    lines = [f"Dataset: {report['dataset']}; seeds {report['seeds']} (mean ± std over seeds); up to "
+             f"{report['epochs']} epochs, each model at its best validation epoch (students: valid "
+             f"Recall@{report.get('select_k', 50)} over the catalogue; teachers: valid AUC); {report['machine']}; "
+             f"teachers' test AUC: {teachers}", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
     def cell(r, k, digits=4):
-        return f"{r[k]:.{digits}f} ± {r[k + '_std']:.{digits}f}" if k in r else "-"
+        if k not in r:
+            return "-"
+        n = f" (n={r[k + '_n']})" if k + "_n" in r else ""
+        return f"{r[k]:.{digits}f} ± {r[k + '_std']:.{digits}f}{n}"
 
     for r in summary:
-        gain = cell(r, "auc_gain") + (" *" if r.get("gain_exceeds_spread") else "")
-        cells = [r["method"], r["role"], cell(r, "student_auc"), cell(r, "student_logloss"),
-                 *[cell(r, k) for k in ks], gain, cell(r, "teacher_auc") if r["role"] == "distill" else "-",
-                 cell(r, "gap_closed", 2), f"{r['train_seconds']:.1f}"]
+        cells = [r["method"], r["role"], r.get("objective_name", "-") if r["role"] != "reference" else "-",
+                 *[cell(r, k) for k in ks], cell(r, "student_auc"), cell(r, "student_logloss"),
+                 cell(r, "valid_student_recall@50"), cell(r, "selected_epoch", 1), f"{r['train_seconds']:.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "`*`: the mean AUC gain over DSSM is positive and larger than its standard deviation "
-              "over seeds (gains are paired: each seed's method against the same seed's DSSM)."]
-    if any(r["role"] == "reference" for r in summary):
-        lines += ["", "Role `reference`: no features, no towers (orchestration/baselines.py). most_popular ranks "
-                  "items by train clicks; als and bpr (`implicit`) take the setting of best valid Recall@50 "
-                  "(train clicks excluded), refit on train + valid; train s is that refit. Same test clicks, "
-                  "train/valid clicks excluded, same metric code as the methods."]
+    lines += ["", "Role `reference`: no features, no towers (orchestration/baselines.py). most_popular ranks "
+              "items by train clicks; als and bpr (`implicit`) take the setting of best valid Recall@50 "
+              "(train clicks excluded), refit on train + valid; train s is that refit. Same test clicks, "
+              "train/valid clicks excluded, same metric code as the methods. AUC/LogLoss: the student's "
+              "calibrated score on the test impressions. train s: the method's own epochs (teachers apart)."]
+    if report.get("paired"):
+        lines += ["", "Distillation against the same student trained without a teacher (paired per seed; "
+                  "p: two-sided paired t-test, scipy.stats.ttest_rel):", "",
+                  "| method | undistilled | metric | seeds | distilled | undistilled | gain | wins | p | gap closed |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for t in report["paired"]:
+            gap = f"{t['gap_closed']:.2f}" if "gap_closed" in t else "-"
+            lines.append(f"| {t['method']} | {t['undistilled']} | {t['metric']} | {t['seeds']} | {t['mean']:.4f} | "
+                         f"{t['undistilled_mean']:.4f} | {t['gain']:+.4f} | {t['wins']}/{t['seeds']} | "
+                         f"{t['p_value']:.3g} | {gap} |")
+    if report.get("against_baselines"):
+        a = report["against_baselines"]
+        lines += ["", f"Best student {a['best_student']} {a['metric']} {a['best_student_value']:.4f} = "
+                  f"{a['ratio']:.2f}x the better reference ({a['reference']} {a['reference_value']:.4f})."]
     return "\n".join(lines) + "\n"
 
 

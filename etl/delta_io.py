@@ -143,6 +143,11 @@ def table_version(uri: str) -> int:
     return _open(uri).version()
 
 
+def arrow_schema_of(uri: str, version: Optional[int] = None) -> pa.Schema:
+    """The table's schema (latest, or at ``version``) as Arrow, without reading data."""
+    return pa.schema(_open(uri, version).schema().to_arrow())
+
+
 def _check_plain_files(dt, uri: str) -> None:
     """Reading Parquet files directly is only right without column mapping or deletion vectors."""
     if dt.metadata().configuration.get("delta.columnMapping.mode", "none") not in ("none", None):
@@ -290,11 +295,27 @@ def _write_native(df, uri, mode, partition_by, replace_partitions, commit_metada
                        "last 100 of the table's history")
 
 
+# Delta's (delta-spark's) optimistic-concurrency failures: the transaction committed nothing
+# (io.delta.exceptions.DeltaConcurrentModificationException and its subclasses); they reach
+# Python as a Py4J/Spark error whose text names the Java class.
+_NATIVE_CONFLICTS = ("ConcurrentAppendException", "ConcurrentDeleteReadException",
+                     "ConcurrentDeleteDeleteException", "ConcurrentTransactionException",
+                     "ConcurrentWriteException", "MetadataChangedException", "ProtocolChangedException",
+                     "DeltaConcurrentModificationException", "DELTA_CONCURRENT_")
+
+
 def _is_conflict(exc: BaseException) -> bool:
     """A commit that lost a race to another writer (nothing of it was committed)."""
     text = f"{type(exc).__name__}: {exc}"
     return ("CommitFailedError" in text or "Concurrent" in text or "concurrent transaction" in text
-            or "already exists" in text)
+            or "already exists" in text or any(name in text for name in _NATIVE_CONFLICTS))
+
+
+def conflict_name(exc: BaseException) -> str:
+    """The Delta conflict class an error names (for messages), else its Python class."""
+    text = str(exc)
+    return next((name for name in _NATIVE_CONFLICTS if name in text and not name.endswith("_")),
+                type(exc).__name__)
 
 
 def _retry_conflicts(uri: str, commit, attempts: Optional[int] = None):
@@ -308,9 +329,10 @@ def _retry_conflicts(uri: str, commit, attempts: Optional[int] = None):
             if not _is_conflict(exc):
                 raise
             if attempt == attempts - 1:
+                first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
                 raise DeltaConflictError(
                     f"Delta table {uri}: the commit lost to concurrent writers {attempts} times in a row "
-                    f"({type(exc).__name__}: {str(exc).splitlines()[0]}); nothing of this write was committed, "
+                    f"({conflict_name(exc)}: {first[:300]}); nothing of this write was committed, "
                     "rerun the job") from exc
             time.sleep(min(2.0, 0.05 * 2 ** attempt) * (0.5 + uuid.uuid4().int % 1000 / 1000))
 

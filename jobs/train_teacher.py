@@ -29,7 +29,8 @@ def body(args, cfg):
     head = "teacher" if "teacher_auc" in result["test"] else "student"
     return {"job": "train_teacher", "teacher": args.teacher, "run_id": run_id, "checkpoint": result["checkpoint"],
             "metrics": {"teacher": pipeline.head_metrics(result["test"], head)},
-            "train_seconds": result["train_seconds"]}
+            "train_seconds": result["train_seconds"], "world_size": result["world_size"],
+            "ranks": result.get("ranks", [])}
 
 
 if __name__ == "__main__":

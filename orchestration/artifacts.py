@@ -187,4 +187,12 @@ def training_files(cfg: Config, spec: FeatureSpec) -> dict[str, list[str]]:
     for split, paths in files.items():
         if not paths:
             raise BadInputError(f"the samples table at {uri} has no {split} rows: rerun jobs/build_features.py")
+    # the catalogue: corpus negatives (student.objective=mixed) and the valid retrieval
+    items_uri = cfg.warehouse.uri("item_features")
+    try:
+        files["items"] = delta_io.snapshot_files(items_uri, None, pinned_version(spec, "item_features"))
+    except FileNotFoundError as exc:
+        raise InputNotFoundError(str(exc)) from None
+    if not files["items"]:
+        raise BadInputError(f"the item feature table at {items_uri} has no rows: rerun jobs/build_features.py")
     return files

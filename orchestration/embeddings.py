@@ -47,9 +47,13 @@ SIDES = {"user": ("user_features", "user_embeddings", "user_key", "encode_user",
          "item": ("item_features", "item_embeddings", "item_key", "encode_item", "item_input_names")}
 
 
-def write_embeddings(spark: SparkSession, cfg: Config, bundle_path: str, tag: ModelTag) -> dict[str, str]:
+def write_embeddings(spark: SparkSession, cfg: Config, bundle_path: str, tag: ModelTag,
+                     links: dict[str, str] | None = None) -> dict[str, str]:
     """Write user and item embeddings of the student in ``bundle_path``, then commit the
-    pair in ``model_versions``; returns the three tables' URIs."""
+    pair in ``model_versions``; returns the three tables' URIs. ``links`` (the MLflow run,
+    the registered model and its version: ``orchestration.tracking``) go into each
+    commit's metadata, so every table version records the registered model version."""
+    metadata = {**(links or {}), "run_id": tag.run_id}
     from rec_models.serving.export import load_student
 
     student, spec, _ = load_student(bundle_path)
@@ -69,18 +73,18 @@ def write_embeddings(spark: SparkSession, cfg: Config, bundle_path: str, tag: Mo
         versions[side] = delta_io.write_table(
             encoded, uri, mode="overwrite", partition_by=["model_name", "model_version"],
             replace_partitions={"model_name": tag.name, "model_version": tag.version}, writer=cfg.warehouse.writer,
-            commit_metadata={"run_id": tag.run_id})
+            commit_metadata=metadata)
         uris[out_table] = uri
     pair = CommittedEmbeddings(tag.name, tag.version, tag.run_id, versions["user"], versions["item"],
                                getattr(student, "score_kind", "dot"))
-    uris["model_versions"] = commit_model_version(spark, cfg, pair, bundle_path, created)
+    uris["model_versions"] = commit_model_version(spark, cfg, pair, bundle_path, created, metadata)
     log.info("committed model %s version %s: run %s, user_embeddings v%d, item_embeddings v%d", tag.name,
              tag.version, tag.run_id, pair.user_table_version, pair.item_table_version)
     return uris
 
 
 def commit_model_version(spark: SparkSession, cfg: Config, pair: CommittedEmbeddings, bundle_path: str,
-                         created: dt.datetime) -> str:
+                         created: dt.datetime, metadata: dict[str, str] | None = None) -> str:
     """Replace the ``model_versions`` row of ``pair``'s model version: the last commit of
     the embedding job, after which readers see the new pair."""
     uri = cfg.warehouse.uri("model_versions")
@@ -89,7 +93,7 @@ def commit_model_version(spark: SparkSession, cfg: Config, pair: CommittedEmbedd
     delta_io.write_table(spark.createDataFrame(row, MODEL_VERSIONS_SCHEMA).coalesce(1), uri, mode="overwrite",
                          partition_by=["model_name", "model_version"],
                          replace_partitions={"model_name": pair.name, "model_version": pair.version},
-                         writer=cfg.warehouse.writer, commit_metadata={"run_id": pair.run_id})
+                         writer=cfg.warehouse.writer, commit_metadata={**(metadata or {}), "run_id": pair.run_id})
     return uri
 
 

@@ -34,7 +34,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from etl import delta_io
-from rec_models.config import BadInputError, Config, InputNotFoundError, check_ks
+from rec_models.config import BadInputError, Config, InputNotFoundError
+from rec_models.serving.retrieval import retrieval_from_arrays  # noqa: F401  (re-exported: baselines, tests)
 
 log = logging.getLogger(__name__)
 
@@ -266,6 +267,32 @@ def retrieval_metrics(cfg: Config, name: str, version: str, samples_version: Opt
                                  cfg.eval.k, exclude_seen)
 
 
+def retrieval_of_checkpoint(cfg: Config, checkpoint: str, samples_version: Optional[int] = None) -> dict:
+    """Recall/NDCG@K of a checkpoint's student computed in this process, without embedding
+    tables: its towers over the same feature tables the embedding job reads, scored on the
+    same test clicks as ``retrieval_from_tables``. For students whose vectors are not
+    written (the undistilled baseline beside a distillation run)."""
+    import torch
+
+    from orchestration.artifacts import pinned_version
+    from rec_models.training.loop import load_trained
+    from rec_models.training.validation import encode_rows, feature_rows
+
+    model, spec, _ = load_trained(checkpoint)
+    student, vectors, keys = model.student, {}, {}
+    for side, names in (("user", student.user_input_names), ("item", student.item_input_names)):
+        table = f"{side}_features"
+        files = delta_io.snapshot_files(cfg.warehouse.uri(table), None, pinned_version(spec, table))
+        keys[side], rows = feature_rows(files, spec, side, list(names))
+        encode = student.encode_user if side == "user" else student.encode_item
+        vectors[side] = encode_rows(encode, rows, cfg.train.eval_batch_size, torch.device("cpu"))
+    if samples_version is None:
+        samples_version = pinned_version(spec, "samples")
+    emb = Embeddings(keys["user"], vectors["user"], keys["item"], vectors["item"],
+                     getattr(student, "score_kind", "dot"), run_id="")
+    return retrieval_from_tables(cfg, emb, samples_version, cfg.eval.k)
+
+
 def retrieval_from_tables(cfg: Config, emb: Embeddings, samples_version: Optional[int], ks: list[int],
                           exclude_seen: bool = True) -> dict:
     label = cfg.spec.label.name
@@ -308,59 +335,6 @@ def click_keys(files: list[str], label: str, user_ids: pd.Index, item_ids: pd.In
         parts.append(np.unique(keys) if distinct else keys)
     keys = np.concatenate(parts)
     return np.unique(keys) if distinct else keys
-
-
-def retrieval_from_arrays(users: np.ndarray, items: np.ndarray, score_kind: str, positives: np.ndarray,
-                          seen: Optional[np.ndarray], ks: Sequence[int], user_batch: int = 4096,
-                          item_chunk: int = 262_144) -> dict:
-    """Recall@K, NDCG@K (means over users with a positive) and coverage@K (distinct items in
-    all evaluated users' top-K / catalogue), by exact top-K in user batches.
-
-    ``positives`` / ``seen``: sorted distinct packed keys ``user * n_items + item`` (rows of
-    ``users`` / ``items``). ``seen`` pairs are masked out of the top-K and out of the
-    positives; ``seen=None`` ranks every item.
-    """
-    import torch
-
-    from rec_models.metrics import ndcg_at_k, recall_at_k, recommended_mask
-    from rec_models.serving.retrieval import top_k
-
-    ks = check_ks(ks)
-    n_items = items.shape[0]
-    positives = np.asarray(positives, dtype=np.int64)
-    if seen is not None:
-        seen = np.asarray(seen, dtype=np.int64)
-        positives = positives[~np.isin(positives, seen, assume_unique=True)]
-    eval_users = np.unique(positives // max(1, n_items))
-    items_t = torch.from_numpy(np.ascontiguousarray(items))
-    sums = {f"{m}@{k}": 0.0 for m in ("recall", "ndcg") for k in ks}
-    covered = {k: np.zeros(n_items, dtype=bool) for k in ks}
-    for start in range(0, eval_users.size, user_batch):
-        batch = eval_users[start:start + user_batch]
-        exclude = _pairs_of(seen, batch, n_items) if seen is not None else None
-        top = top_k(torch.from_numpy(users[batch]), items_t, max(ks), item_chunk, exclude=exclude,
-                    score_kind=score_kind).numpy()
-        pos = _pairs_of(positives, batch, n_items)
-        for k in ks:   # every user of the batch has a positive: batch mean x size = batch sum
-            sums[f"recall@{k}"] += recall_at_k(top, pos, k) * batch.size
-            sums[f"ndcg@{k}"] += ndcg_at_k(top, pos, k) * batch.size
-            covered[k] |= recommended_mask(top, n_items, k)
-    n = eval_users.size
-    out = {key: (v / n if n else float("nan")) for key, v in sums.items()}
-    out.update({f"coverage@{k}": (float(covered[k].mean()) if n and n_items else float("nan")) for k in ks})
-    out.update({"users": int(n), "items": int(n_items), "positives": int(positives.size),
-                "exclude_seen": seen is not None})
-    return out
-
-
-def _pairs_of(keys: np.ndarray, users: np.ndarray, n_items: int) -> tuple[np.ndarray, np.ndarray]:
-    """(row in ``users``, item) of the packed ``keys`` belonging to the sorted ``users``."""
-    lo = np.searchsorted(keys, users * n_items)
-    hi = np.searchsorted(keys, (users + 1) * n_items)
-    counts = hi - lo
-    rows = np.repeat(np.arange(users.size), counts)
-    idx = np.arange(counts.sum()) + np.repeat(lo - (np.cumsum(counts) - counts), counts)
-    return rows, keys[idx] % n_items
 
 
 def _matrix(vectors: pa.ChunkedArray, shape: list[int]) -> np.ndarray:

@@ -51,8 +51,13 @@ def train(cfg: Config, spec: FeatureSpec, kind: str, out_dir: str, run_id: str,
         from orchestration.spark_training.petastorm_converter import petastorm_job
 
         with petastorm_job(job, cfg, spec) as converted:   # the converter's cache is deleted after
-            return run_training(converted, cfg.train)
-    return run_training(job, cfg.train)
+            result = run_training(converted, cfg.train)
+    else:
+        result = run_training(job, cfg.train)
+    from orchestration import tracking
+
+    tracking.current().log_training(kind, result, dtt_run_id=run_id)   # per-epoch and test metrics
+    return result
 
 
 def check_training_env(cfg: Config) -> None:
@@ -121,6 +126,15 @@ def ensure_teachers(cfg: Config, spec: FeatureSpec, method: str, run_id: str) ->
 
 
 def run_method(spark, cfg: Config, method: str) -> dict:
+    """Features (if missing) -> teachers -> the method -> baseline -> student embeddings +
+    metrics, tracked as one MLflow run (the job's, or its own when called from a notebook)."""
+    from orchestration import tracking
+
+    with tracking.job_scope(cfg, f"run_method.{method}"):
+        return _run_method(spark, cfg, method)
+
+
+def _run_method(spark, cfg: Config, method: str) -> dict:
     """Features (if missing) -> teachers -> the method -> baseline -> student embeddings + metrics."""
     from rec_models.methods import get_method
 
@@ -130,6 +144,11 @@ def run_method(spark, cfg: Config, method: str) -> dict:
     warnings = method_warnings(spec, method)   # also in the result: a run that is not what it says
     # train.resume=auto: an unfinished run of this method keeps its id and continues
     tag = ModelTag(cfg.run.name, cfg.run.version, start_run(cfg, run_dir(cfg, method)))
+    from orchestration import tracking
+
+    tracker = tracking.current()
+    tracker.start(tag.run_id)            # train.resume=auto: the unfinished run's MLflow run goes on
+    tracker.log_artifact(cfg.warehouse.spec_path, "feature_spec")
     teachers = ensure_teachers(cfg, spec, method, tag.run_id)
     result = train(cfg, spec, method, run_dir(cfg, method), tag.run_id,
                    teacher_checkpoint=cfg.distill.teacher_checkpoint if method == "pfd" else None,
@@ -139,20 +158,37 @@ def run_method(spark, cfg: Config, method: str) -> dict:
     if cfg.distill.train_baseline and get_method(method).role == "distill":
         base = train(cfg, spec, "dssm", run_dir(cfg, "baseline"), tag.run_id)
         metrics["baseline"] = head_metrics(base["test"], "student")
+        # the same towers and objective without a teacher: what distillation adds to retrieval
+        from orchestration.evaluation import retrieval_of_checkpoint
+
+        metrics["baseline_retrieval"] = retrieval_of_checkpoint(cfg, base["checkpoint"])
     out = {"run_id": tag.run_id, "method": method, "model": {"name": tag.name, "version": tag.version},
            "metrics": metrics, "tables": {t: cfg.warehouse.uri(t) for t in FEATURE_TABLES},
            "checkpoint": result["checkpoint"], "teachers": teachers,
-           "train_seconds": result["train_seconds"], "backend": cfg.train.backend}
+           "train_seconds": result["train_seconds"], "selected_epoch": result["selected_epoch"],
+           # the selected epoch's validation figures: what hyper-parameters are chosen on
+           "valid": {k[len("valid_"):]: v for k, v in next(
+               (h for h in result["history"] if h["epoch"] == result["selected_epoch"]), {}).items()
+               if k.startswith("valid_")},
+           "backend": cfg.train.backend,
+           # from the ranks themselves: a run that silently trained in fewer processes shows here
+           "world_size": result["world_size"], "ranks": result.get("ranks", [])}
     out["warnings"] = warnings
     if "student" in heads:
         bundle = export_student_of(result["checkpoint"], run_dir(cfg, "student.pt"), tag)
-        out["tables"].update(write_embeddings(spark, cfg, bundle, tag))
+        links = tracker.log_student(bundle, cfg, tag.run_id)   # registered first: the tables record its version
+        out["tables"].update(write_embeddings(spark, cfg, bundle, tag, links))
         out["bundle"] = bundle
         metrics["student_retrieval"] = retrieval_metrics(cfg, tag)
     if cfg.eval.baselines:   # most popular, ALS, BPR on the same split and metric code
         from orchestration.baselines import retrieval_baselines
 
         metrics["retrieval_baselines"] = retrieval_baselines(cfg)
+    from orchestration.catalog import register_tables
+
+    out["catalog"] = register_tables(spark, cfg, list(out["tables"]), links=tracker.links())
+    if tracker.run_id:
+        out["mlflow"] = {"run_id": tracker.run_id, **tracker.links(), "ui": tracking.ui_command(cfg)}
     finish_run(run_dir(cfg, method), tag.run_id)
     return out
 
@@ -184,10 +220,14 @@ def check_embedding_inputs(cfg: Config, bundle_spec: FeatureSpec, student, bundl
                              f"{cfg.warehouse.root} (spec {cfg.warehouse.spec_path}) do not have")
 
 
-def write_embeddings(spark, cfg: Config, bundle: str, tag: ModelTag) -> dict[str, str]:
+def write_embeddings(spark, cfg: Config, bundle: str, tag: ModelTag,
+                     links: Optional[dict[str, str]] = None) -> dict[str, str]:
+    from orchestration import tracking
     from orchestration.embeddings import write_embeddings as _write
 
-    return _write(spark, cfg, bundle, tag)
+    if links is None:   # a job of its own (jobs/write_embeddings.py): the links its training run recorded
+        links = tracking.current().recorded_links(tag.run_id)
+    return _write(spark, cfg, bundle, tag, links)
 
 
 def retrieval_metrics(cfg: Config, tag: ModelTag) -> dict:

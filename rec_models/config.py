@@ -57,10 +57,43 @@ class TablesConf(_Section):
     model_versions: str = "model_versions"   # the committed user/item embedding pair of each model version
 
 
+# a catalog or schema name: one SQL identifier, used unquoted in three-part table names
+IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
 class WarehouseConf(_Section):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
     root: str = "warehouse"
     writer: Literal["auto", "spark", "delta_rs"] = "auto"
     tables: TablesConf = TablesConf()
+    # Catalog tables (etl/catalog.py): every table written is also registered as
+    # <catalog>.<schema>.<table> (Unity Catalog on Databricks; locally catalog null: Spark's
+    # session catalog, <schema>.<table>). Needs a session with native Delta; schema null: none.
+    catalog: Optional[str] = None
+    schema_name: Optional[str] = Field("recsys", alias="schema")   # 'schema' would shadow BaseModel's
+
+    @field_validator("catalog", "schema_name")
+    @classmethod
+    def _identifier(cls, value: Optional[str], info) -> Optional[str]:
+        if value is not None and not IDENTIFIER.fullmatch(value):
+            key = "schema" if info.field_name == "schema_name" else info.field_name
+            raise ValueError(f"warehouse.{key}={value!r} is not a plain SQL identifier "
+                             "(letters, digits and '_', not starting with a digit)")
+        return value
+
+    @model_validator(mode="after")
+    def _catalog_needs_schema(self) -> "WarehouseConf":
+        if self.catalog is not None and self.schema_name is None:
+            raise ValueError(f"warehouse.catalog={self.catalog!r} needs warehouse.schema as well")
+        return self
+
+    def table_name(self, table: str) -> Optional[str]:
+        """``catalog.schema.name`` (or ``schema.name``) of a table; None without a schema."""
+        if self.schema_name is None:
+            return None
+        parts = [self.catalog, self.schema_name, getattr(self.tables, table)]
+        return ".".join(p for p in parts if p)
 
     def uri(self, table: str) -> str:
         name = getattr(self.tables, table)
@@ -79,6 +112,9 @@ class SparkConf(_Section):
     master: Optional[str] = "local[2]"
     app_name: str = "distill-two-tower"
     conf: dict[str, Any] = Field(default_factory=dict)
+    # a session this process builds gets Delta (jars of the pinned delta-spark from Maven,
+    # SQL extension, catalog: etl/spark.py); conf/profile/local.yaml turns it on
+    delta: bool = False
 
 
 class SyntheticConf(_Section):
@@ -199,8 +235,8 @@ class TrainConf(_Section):
     num_threads: int = Field(0, ge=0)   # torch intra-op threads per process; 0 = leave default
     log_every: int = Field(100, ge=1)
     early_stopping_patience: int = Field(0, ge=0)  # epochs without valid AUC gain; 0 = off
-    # keep the epoch of best validation AUC (the student head where there is one), not the last
-    restore_best_epoch: bool = False
+    # keep the epoch of best validation (eval.select_k; the teacher's AUC for teachers), not the last
+    restore_best_epoch: bool = True
     # never: every run trains from scratch; auto: continue the last unfinished run of this
     # run.name/version (same conf and spec) from its last complete epoch (run_state.json)
     resume: Literal["never", "auto"] = "never"
@@ -241,8 +277,27 @@ class DistillConf(_Section):
         return value
 
 
+class StudentConf(_Section):
+    """How a dual-tower student is trained (rec_models/objectives.py): ``pointwise`` BCE on
+    impressions; ``sampled_softmax`` over the batch's items with the logQ correction (Yi et
+    al., RecSys 2019); ``mixed``: those plus ``corpus_negatives`` items drawn uniformly from
+    the item table (Yang et al., WWW 2020). Both softmax objectives keep a calibrated
+    impression score (a BCE that fits only the score's scale and bias)."""
+    # docs/results.md 5.4: both softmax objectives retrieve 2x better than pointwise; mixed
+    # scored slightly higher on valid, sampled_softmax on test (the benchmarks ran with it)
+    objective: Literal["pointwise", "sampled_softmax", "mixed"] = "sampled_softmax"
+    temperature: float = Field(0.05, gt=0)         # tau over unit vectors
+    logq_correction: bool = True
+    corpus_negatives: int = Field(256, ge=1)       # mixed only: uniform item draws per step
+    calibration_weight: float = Field(1.0, ge=0)     # moves only the score's scale and bias
+
+
 class EvalConf(_Section):
     k: list[int] = Field(default_factory=lambda: [10, 50, 100])
+    # epochs of a student are selected by valid Recall@select_k over the whole catalogue
+    # (training clicks excluded); teachers (no towers) by valid AUC
+    select_k: int = Field(50, ge=1)
+    valid_users: int = Field(20_000, ge=1)   # users sampled for that valid retrieval (memory bound)
     user_batch_size: int = Field(4096, ge=1)
     item_chunk_size: int = Field(262_144, ge=1)
     # most popular, ALS and BPR (orchestration.baselines) in run_method's metrics
@@ -277,6 +332,21 @@ def check_ks(ks) -> list[int]:
     return sorted({int(k) for k in ks})
 
 
+class TrackingConf(_Section):
+    """MLflow (orchestration/tracking.py): every training job logs a run; the student is
+    logged as a pyfunc model and registered."""
+    # auto: log where mlflow is installed (the local extra; Databricks ML runtimes ship it),
+    # else a warning; true: a job without mlflow fails before any work; false: no tracking
+    enabled: bool | Literal["auto"] = "auto"
+    # null: sqlite:///<run.output_dir>/mlflow.db (no server); "databricks": the workspace's
+    uri: Optional[str] = None
+    registry_uri: Optional[str] = None        # null: the tracking store; "databricks-uc": Unity Catalog
+    experiment: str = "distill_two_tower"      # on Databricks a workspace path, e.g. /Shared/distill_two_tower
+    register_model: bool = True
+    # null: run.name, or <warehouse.catalog>.<warehouse.schema>.<run.name> with a catalog (Unity Catalog)
+    registered_model: Optional[str] = None
+
+
 class Config(_Section):
     run: RunConf = RunConf()
     warehouse: WarehouseConf = WarehouseConf()
@@ -285,7 +355,9 @@ class Config(_Section):
     model: ModelConf = ModelConf()
     train: TrainConf = TrainConf()
     distill: DistillConf = DistillConf()
+    student: StudentConf = StudentConf()
     eval: EvalConf = EvalConf()
+    tracking: TrackingConf = TrackingConf()
     profile: str = "local"
 
     @property

@@ -26,6 +26,9 @@ class Method:
     doc: str = ""
     # "module:class": the pydantic model of its distill.params ("": the method takes none)
     params: str = ""
+    # a distillation method's student trained without a teacher (same architecture and
+    # objective): the row its gains are paired with ("": none registered)
+    undistilled: str = ""
 
     def params_model(self):
         """The pydantic model of the method's ``distill.params`` (None: it takes none).
@@ -47,7 +50,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("dssm", "baseline", "rec_models.models.student_only:build_student_only", doc="DSSM two-tower, BCE"),
     Method("pfd_teacher", "teacher", "rec_models.models.pfd_teacher:build_teacher_only",
            doc="ranking teacher on public + privileged features"),
-    Method("pfd", "distill", "rec_models.distill.pfd:build_pfd", doc="PFD: joint teacher + student, soft labels"),
+    Method("pfd", "distill", "rec_models.distill.pfd:build_pfd", doc="PFD: joint teacher + student, soft labels",
+           undistilled="dssm"),
     Method("cross_encoder", "teacher", "rec_models.models.cross_encoder:build",
            doc="transformer over user and item field tokens",
            params="rec_models.models.cross_encoder:CrossEncoderParams"),
@@ -66,22 +70,33 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            params="rec_models.models.mvke:MVKEParams"),
     Method("kd", "distill", "rec_models.distill.kd:build", ("cross_encoder",),
            doc="Hinton KD: soft labels of the frozen cross-encoder into DSSM",
-           params="rec_models.distill.kd:KDParams"),
+           params="rec_models.distill.kd:KDParams", undistilled="dssm"),
     Method("endx", "distill", "rec_models.distill.endx:build", ("cross_encoder",),
            doc="ENDX: geometry alignment of in-batch distributions",
-           params="rec_models.distill.endx:ENDXParams"),
+           params="rec_models.distill.endx:ENDXParams", undistilled="dssm"),
     Method("trmd", "distill", "rec_models.distill.trmd:build", ("cross_encoder", "colbert"),
            doc="TRMD: two frozen teachers, two student heads",
-           params="rec_models.distill.trmd:TRMDParams"),
+           params="rec_models.distill.trmd:TRMDParams", undistilled="trmd_student"),
     Method("virt", "distill", "rec_models.distill.virt:build", ("cross_encoder",),
            doc="VIRT: L2 on attention, attention-weighted pooling",
-           params="rec_models.distill.virt:VIRTParams"),
+           params="rec_models.distill.virt:VIRTParams", undistilled="token_dual_encoder_attn"),
     Method("distilled_dual_encoder", "distill", "rec_models.distill.distilled_dual_encoder:build", ("cross_encoder",),
            doc="Distilled-DualEncoder: KL on attention + soft labels",
-           params="rec_models.distill.distilled_dual_encoder:DistilledDualEncoderParams"),
+           params="rec_models.distill.distilled_dual_encoder:DistilledDualEncoderParams",
+           undistilled="token_dual_encoder"),
     Method("ernie_search", "distill", "rec_models.distill.ernie_search:build", ("cross_encoder",),
            doc="ERNIE-Search: cross-encoder -> late interaction -> dual encoder cascade",
-           params="rec_models.distill.ernie_search:ErnieSearchParams"),
+           params="rec_models.distill.ernie_search:ErnieSearchParams", undistilled="token_dual_encoder"),
+    # the token students trained without a teacher (same architecture and student.objective)
+    Method("token_dual_encoder", "baseline", "rec_models.models.token_baselines:build_token_dual_encoder",
+           doc="token dual encoder, mean pooling, no teacher: the Distilled-DualEncoder / ERNIE-Search student",
+           params="rec_models.models.dual_encoder:DualEncoderParams"),
+    Method("token_dual_encoder_attn", "baseline", "rec_models.models.token_baselines:build_token_dual_encoder",
+           doc="token dual encoder, attention pooling, no teacher: the VIRT student",
+           params="rec_models.models.dual_encoder:DualEncoderParams"),
+    Method("trmd_student", "baseline", "rec_models.distill.trmd:build_student_only",
+           doc="TRMD's two-ranker student, no teacher",
+           params="rec_models.models.dual_encoder:DualEncoderParams"),
 )}
 
 

@@ -24,7 +24,10 @@ SMALL = ["model.embedding_dim=8", "model.output_dim=8", "model.tower_dims=[16]",
 
 @pytest.fixture(scope="module")
 def cfg(request):
-    return load_config(method=request.module.METHOD, overrides=SMALL)
+    # the method modules test their papers' losses on a pointwise student; the retrieval
+    # objectives (student.objective) are tested in tests/test_objectives.py
+    objective = getattr(request.module, "OBJECTIVE", "pointwise")
+    return load_config(method=request.module.METHOD, overrides=[*SMALL, f"student.objective={objective}"])
 
 
 @pytest.fixture(scope="module")

@@ -236,8 +236,9 @@ def test_compare_methods_prints_the_baselines_as_rows_per_seed(tiny_warehouse, m
 
     def fake_run_method(spark, cfg, method):
         seen_cfgs.append(cfg)
-        return {"train_seconds": 1.0, "metrics": {"student": {"auc": 0.71, "logloss": 0.5, "rows": 10},
-                                                  "student_retrieval": {"recall@10": 0.01, "ndcg@10": 0.005}}}
+        return {"train_seconds": 1.0, "selected_epoch": 2, "valid": {"student_recall@50": 0.2, "student_auc": 0.6},
+                "metrics": {"student": {"auc": 0.71, "logloss": 0.5, "rows": 10},
+                            "student_retrieval": {"recall@10": 0.01, "ndcg@10": 0.005}}}
 
     monkeypatch.setattr(cm.pipeline, "train", fake_train)
     monkeypatch.setattr(cm.pipeline, "run_method", fake_run_method)
@@ -254,7 +255,12 @@ def test_compare_methods_prints_the_baselines_as_rows_per_seed(tiny_warehouse, m
     assert all(s["seeds"] == 2 for s in summary)
     table = cm.markdown({"dataset": "synthetic", "seeds": [1, 2], "teachers": {"cross_encoder": [0.7, 0.7]},
                          "summary": summary, "machine": "2 cores", "epochs": 1})
-    als = next(line for line in table.splitlines() if line.startswith("| als |"))
-    cells = [c.strip() for c in als.strip("|").split("|")]
-    assert cells[1] == "reference" and cells[2] == cells[3] == "-"   # AUC, LogLoss do not apply
-    assert cells[4] != "-"                                            # its recall@10
+    lines = table.splitlines()
+    header = [c.strip() for c in next(line for line in lines if line.startswith("| method |")).strip("|").split("|")]
+    als = dict(zip(header, (c.strip() for c in next(line for line in lines if line.startswith("| als |"))
+                            .strip("|").split("|"))))
+    assert als["role"] == "reference" and als["AUC"] == als["LogLoss"] == "-"   # they do not apply
+    assert als["recall@10"] != "-"
+    dssm = dict(zip(header, (c.strip() for c in next(line for line in lines if line.startswith("| dssm |"))
+                             .strip("|").split("|"))))
+    assert dssm["valid Recall@50"].startswith("0.2000") and dssm["objective"] == "sampled_softmax"

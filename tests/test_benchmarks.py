@@ -25,3 +25,44 @@ def test_bench_training_runs_every_model_kind(tmp_path):
     trained = {(r["kind"], r["backend"]) for r in results if r["kind"] != "-"}
     assert trained == {("dssm", "local"), ("pfd", "local")}
     assert all(r["samples_per_second"] > 0 and r["steps"] > 0 for r in results if r["kind"] != "-")
+
+
+# ---- benchmarks/compare_methods.py: the statistics of its tables ------------------------
+def _rows():
+    # seed 3's dssm row lacks recall@50: the summary must still count every seed
+    rows = []
+    for seed, (base, pfd, kd) in {1: (0.20, 0.23, 0.21), 2: (0.22, 0.24, 0.21), 3: (None, 0.25, 0.22)}.items():
+        rows.append({"method": "dssm", "role": "baseline", "seed": seed, "train_seconds": 1.0,
+                     "student_auc": 0.60 + seed / 100, **({"recall@50": base} if base is not None else {})})
+        rows.append({"method": "pfd", "role": "distill", "seed": seed, "train_seconds": 2.0, "recall@50": pfd,
+                     "student_auc": 0.62 + seed / 100, "teacher_auc": 0.80})
+        rows.append({"method": "kd", "role": "distill", "seed": seed, "train_seconds": 2.0, "recall@50": kd,
+                     "extra_only_in_seed_2": 1.0} if seed == 2 else
+                    {"method": "kd", "role": "distill", "seed": seed, "train_seconds": 2.0, "recall@50": kd})
+    return rows
+
+
+def test_summary_keeps_every_seed_and_every_column():
+    from benchmarks.compare_methods import summarise
+
+    summary = {r["method"]: r for r in summarise(_rows(), ["dssm", "pfd", "kd", "absent"])}
+    assert set(summary) == {"dssm", "pfd", "kd"}
+    assert summary["dssm"]["seeds"] == 3 and summary["dssm"]["recall@50_n"] == 2
+    assert summary["dssm"]["recall@50"] == pytest.approx(0.21)
+    assert summary["kd"]["extra_only_in_seed_2"] == 1.0 and summary["kd"]["extra_only_in_seed_2_n"] == 1
+
+
+def test_paired_tests_pair_each_method_with_its_undistilled_student():
+    from scipy.stats import ttest_rel
+
+    from benchmarks.compare_methods import paired_tests
+
+    tests = {(t["method"], t["metric"]): t for t in paired_tests(_rows(), ("recall@50", "student_auc"))}
+    pfd = tests[("pfd", "recall@50")]
+    assert pfd["undistilled"] == "dssm" and pfd["seeds"] == 2   # seed 3 has no dssm recall@50
+    assert pfd["gain"] == pytest.approx(((0.23 - 0.20) + (0.24 - 0.22)) / 2)
+    assert pfd["p_value"] == pytest.approx(ttest_rel([0.23, 0.24], [0.20, 0.22]).pvalue)
+    assert pfd["wins"] == 2
+    auc = tests[("pfd", "student_auc")]
+    assert auc["seeds"] == 3 and auc["gap_closed"] == pytest.approx(0.02 / (0.80 - 0.62))
+    assert ("dssm", "recall@50") not in tests   # a baseline is not paired with anything

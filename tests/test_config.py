@@ -6,7 +6,7 @@ import pytest
 from rec_models.config import BACKENDS, ConfigError, load_config
 from rec_models.spec import Kind, Role
 
-PRIVILEGED = {"ucat_clicks_7d", "ucat_ctr_7d", "ucat_dwell_7d", "uitem_impressions"}
+PRIVILEGED = {"ucat_clicks_7d", "ucat_ctr_7d", "ucat_dwell_7d", "watch_seconds", "uitem_impressions"}
 
 
 def _error(**kwargs) -> str:
@@ -25,16 +25,20 @@ def test_default_config_loads_synthetic_pfd_local():
     assert cfg.spark.master == "local[2]"
     assert cfg.spark.conf["spark.sql.shuffle.partitions"] == 8
     assert cfg.train.backend == "local"
-    assert cfg.train.epochs == 3
+    assert cfg.train.epochs == 8   # the synthetic dataset's own (base: 3)
     assert cfg.train.lr == pytest.approx(0.003)
-    assert cfg.eval.k == [10, 50, 100]
+    assert cfg.train.restore_best_epoch is True
+    assert cfg.student.objective == "sampled_softmax" and cfg.student.temperature == pytest.approx(0.02)
+    assert cfg.eval.k == [10, 50, 100] and cfg.eval.select_k == 50
     assert cfg.warehouse.writer == "auto"
 
 
 def test_default_spec_has_the_privileged_features():
     spec = load_config().spec
     assert spec.privileged_names == frozenset(PRIVILEGED)
-    assert all(f.source == "derived" for f in spec.by_role(Role.privileged))
+    # point-in-time statistics, and the impression's own post-impression watch time
+    assert {f.name for f in spec.by_role(Role.privileged) if f.source != "derived"} == {"watch_seconds"}
+    assert spec.get("watch_seconds").source == "events"
     assert spec.label.name == "label"
     assert spec.keys.user == "user_id" and spec.keys.item == "item_id"
     assert spec.get("hist_item_ids").kind == Kind.sequence
@@ -83,8 +87,8 @@ def test_databricks_profile():
     assert cfg.train.use_gpu is True
     assert cfg.train.local_mode is False
     assert cfg.spark.master is None
-    # the base layer still supplies what the profile leaves alone
-    assert cfg.train.epochs == 3
+    # the base and dataset layers still supply what the profile leaves alone
+    assert cfg.train.epochs == 8
     assert cfg.spec.privileged_names == frozenset(PRIVILEGED)
 
 

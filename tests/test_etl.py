@@ -34,6 +34,8 @@ def _tables(tmp_path, n_events=600, seed=0, user_ids_int=False):
     })
     ev["clicked"] = rng.integers(0, 2, n_events)
     ev["dwell"] = np.where(ev.clicked == 1, rng.lognormal(3, 1, n_events), np.nan)
+    # the synthetic spec's post-impression privileged column: logged for every impression
+    ev["watch_seconds"] = rng.lognormal(1.5, 0.5, n_events)
     if user_ids_int:
         for df in (users, ev):
             df["uid"] = df["uid"].str[1:].astype(int)

@@ -156,8 +156,10 @@ def test_unknown_k_is_refused_at_configuration():
         with pytest.raises(ConfigError, match="eval.k"):
             load_config(overrides=[bad])
     assert load_config(overrides=["eval.k=[50,10,50]"]).eval.k == [10, 50]
+    from rec_models.config import check_ks
+
     with pytest.raises(ValueError, match="eval.k"):
-        evaluation.check_ks([10, 0])
+        check_ks([10, 0])
 
 
 def _job(name, *args, timeout=180):

@@ -47,6 +47,8 @@ def _tables(n_users=10, n_items=16, n_events=240, seed=0) -> dict[str, pd.DataFr
                        "ts": T0 + rng.integers(0, 20 * DAY // 600, n_events) * 600})
     ev["clicked"] = rng.integers(0, 2, n_events)
     ev["dwell"] = np.where(ev.clicked == 1, rng.lognormal(3, 1, n_events), np.nan)
+    # the synthetic spec's post-impression privileged column: logged for every impression
+    ev["watch_seconds"] = rng.lognormal(1.5, 0.5, n_events)
     # one row per (user, item, time): duplicates are only those a case adds
     ev = ev.drop_duplicates(["uid", "iid", "ts"]).reset_index(drop=True)
     return {"events": ev, "users": users, "items": items}

@@ -22,7 +22,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from orchestration.spark_training.launchers import BackendUnavailableError, _local_task_slots, check_backend_available, run_training
+from orchestration.spark_training.launchers import (WORKER_REPORTS_PREFIX, BackendUnavailableError, _local_task_slots,
+                                                    check_backend_available, run_training)
 from rec_models.config import TrainConf, load_config
 from rec_models.training.loop import TrainJob
 
@@ -276,7 +277,7 @@ def _assert_fails_with_rank1_error(backend, job, train):
     assert f"{backend} rank 1" in notes
     cause = str(info.value.__cause__)     # rank 1's traceback, from the worker
     assert f"traceback on {backend} rank 1" in cause and "embedding" in cause.lower()
-    assert not [p for p in os.listdir(job.out_dir) if p.startswith(".worker-errors-")]
+    assert not [p for p in os.listdir(job.out_dir) if p.startswith(WORKER_REPORTS_PREFIX)]
 
 
 @pytest.mark.slow

@@ -16,7 +16,8 @@ from rec_models.methods import get_method
 from rec_models.metrics import auc
 from rec_models.models.mvke import MVKE
 from rec_models.serving.scoring import score_all
-from rec_models.models.youtube_dnn import CALIBRATION_MOMENTUM, YouTubeDNN, YouTubeDNNModel
+from rec_models.layers.calibration import CALIBRATION_INIT_SCALE, CALIBRATION_MOMENTUM
+from rec_models.models.youtube_dnn import YouTubeDNN, YouTubeDNNModel
 from rec_models.batch import item_ids
 from tests.test_models import Recording, make_batch, spec  # noqa: F401 (fixtures)
 
@@ -228,7 +229,8 @@ def test_youtube_dnn_loss_matches_its_definition(spec, conf):
         dot = (u * v).sum(-1)
         z = (dot - dot.mean()) / (dot.var(unbiased=False) + 1e-6).sqrt()
         rate = y.mean()
-        calib = F.binary_cross_entropy_with_logits(z + torch.log(rate / (1 - rate)), y).item()
+        # the calibration's initial scale multiplies the standardised score
+        calib = F.binary_cross_entropy_with_logits(CALIBRATION_INIT_SCALE * z + torch.log(rate / (1 - rate)), y).item()
     assert logs["loss_softmax"] == pytest.approx(softmax, rel=1e-5)
     assert logs["loss_calibration"] == pytest.approx(calib, rel=1e-4)
     assert loss.item() == pytest.approx(softmax + 0.5 * calib, rel=1e-4)

@@ -13,20 +13,39 @@ L2), and the student's logit also matches the teacher's soft label.
 
 The soft-label term is ``rec_models.losses.soft_label_distillation`` (teacher detached).
 Serving is a pure dual encoder: u, v stored, score kind ``dot``.
+
+Into a retrieval student (``student.objective`` sampled_softmax or mixed,
+``rec_models.objectives``) the student is a ``CalibratedTokenDualEncoder``, the hard loss
+is the student objective and the paper's logit distillation becomes listwise, as in dense
+retrieval: the teacher's scores of a query's candidates are the soft labels of the
+student's softmax over the same candidates.
+
+    L = L_softmax(u, v; tau) + calibration_weight * BCE(calibrated(sg <u, v>), y)     tower_loss
+      + attn_weight * KL_attn                                                           own rows
+      + listwise_weight * mean_q KL( softmax_j(t_qj / T) || softmax_j(<u_q, v_j> / tau) )  candidates
+
+What the teacher scores: the attention maps A_t on each impression's own (user, item) row
+(privileged columns included); the listwise term's candidates of each clicked row q, its
+positive and M - 1 other items of the batch (``rec_models.distill.listwise``: pair inputs,
+neutral privileged columns, cost Q x M teacher passes). The pointwise soft-label term
+(``soft_weight``, ``temperature``) is the pointwise form of the same knowledge and is not
+added under the softmax objectives: the calibrated logit is trained by its own BCE only.
 """
 from __future__ import annotations
 
 from typing import Mapping, Optional
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 from torch import nn
 
-from rec_models.config import ModelConf, parse_params
+from rec_models.config import ModelConf, StudentConf, parse_params
 from rec_models.distill.base import CrossTeacherDistill, cross_teacher, student_params
+from rec_models.distill.listwise import ListwiseParams, ListwiseTargets
 from rec_models.losses import bce, soft_label_distillation, weighted_mean
 from rec_models.models.cross_encoder import CrossEncoder
 from rec_models.models.dual_encoder import TokenDualEncoder
+from rec_models.objectives import ItemBank, make_token_student, tower_loss
 from rec_models.spec import FeatureSpec
 
 Batch = Mapping[str, torch.Tensor]
@@ -48,40 +67,59 @@ def attention_kl(student_attention: torch.Tensor, teacher_attention: torch.Tenso
     return weighted_mean(per_row.mean(-1), weight)
 
 
-class DistilledDualEncoderParams(BaseModel):
+class DistilledDualEncoderParams(ListwiseParams):
+    """listwise_*: the listwise term of the softmax objectives (``ListwiseParams``)."""
     model_config = ConfigDict(extra="forbid")
     attn_weight: float = Field(1.0, ge=0)    # weight of KL(A_t || A_s)
-    soft_weight: float = Field(1.0, ge=0)    # weight of the soft-label term
-    temperature: float = Field(1.0, gt=0)    # soft-label temperature T
+    soft_weight: float = Field(1.0, ge=0)    # weight of the soft-label term (pointwise objective)
+    temperature: float = Field(1.0, gt=0)    # soft-label temperature T (pointwise objective)
     layers: int = Field(1, ge=1)             # student tower transformer layers
     heads: int = Field(2, ge=1)
     pooling: str = Field("mean", pattern="^(mean|attention)$")
+
+    def student_params(self) -> dict:
+        """The student's ``DualEncoderParams`` (its undistilled baseline: method
+        ``token_dual_encoder``, or ``token_dual_encoder_attn`` with attention pooling)."""
+        return student_params(self.layers, self.heads, self.pooling)
 
 
 class DistilledDualEncoderModel(CrossTeacherDistill):
     """Heads "teacher" (cross-encoder) and "student"; ``.student`` is the servable dual encoder."""
 
     def __init__(self, spec: FeatureSpec, model_conf: ModelConf, teacher: CrossEncoder,
-                 params: Optional[dict] = None):
+                 params: Optional[dict] = None, student_conf: Optional[StudentConf] = None):
         p = parse_params(DistilledDualEncoderParams, params, "distilled_dual_encoder")
-        student = TokenDualEncoder(spec, model_conf, student_params(p.layers, p.heads, p.pooling))
-        super().__init__(spec, teacher, student)
+        conf = student_conf or StudentConf(objective="pointwise")
+        super().__init__(spec, teacher, make_token_student(spec, model_conf, p.student_params(), conf))
         self.params = p
+        self.student_conf = conf
+        self.item_bank: Optional[ItemBank] = None   # given by the training loop for student.objective=mixed
 
     def training_loss(self, batch: Batch, step: int) -> tuple[torch.Tensor, dict[str, float]]:
-        """L = BCE(s, y) + attn_weight * KL(A_t || A_s) + soft_weight * soft_label(s, t; T)."""
-        p = self.params
+        """L = BCE(s, y) + attn_weight * KL(A_t || A_s) + soft_weight * soft_label(s, t; T)
+        (pointwise); the student objective + attn_weight * KL(A_t || A_s) + listwise_weight *
+        L_listwise (softmax objectives: module docstring)."""
+        p, st, conf = self.params, self.student, self.student_conf
         label, weight = self.label_weight(batch)
         teacher = self.teacher_outputs(batch)
-        logit, hu, hv = self.student_pass(batch)
-        loss_student = bce(logit, label, weight)
+        hu, hv = st.user_states(batch), st.item_states(batch)
+        u, v = st.user_vector(hu), st.item_vector(hv)
         loss_attn = attention_kl(TokenDualEncoder.virtual_attention(hu, hv), teacher.attention, weight)
-        loss_soft = soft_label_distillation(logit, teacher.logit, p.temperature, weight)
-        loss = loss_student + p.attn_weight * loss_attn + p.soft_weight * loss_soft
-        return loss, {"loss": loss.item(), "loss_student": loss_student.item(),
-                      "loss_attn": loss_attn.item(), "loss_soft": loss_soft.item()}
+        if conf.objective == "pointwise":
+            logit = st.score(u, v)
+            loss_student = bce(logit, label, weight)
+            loss_soft = soft_label_distillation(logit, teacher.logit, p.temperature, weight)
+            loss = loss_student + p.attn_weight * loss_attn + p.soft_weight * loss_soft
+            return loss, {"loss": loss.item(), "loss_student": loss_student.item(),
+                          "loss_attn": loss_attn.item(), "loss_soft": loss_soft.item()}
+        loss_student, logs = tower_loss(st, self.spec, conf, batch, u, v, bank=self.item_bank)
+        loss_listwise = ListwiseTargets.of_batch(self.teacher, self.spec, batch, p).kl(
+            st.score_kind, u, v, conf.temperature)
+        loss = loss_student + p.attn_weight * loss_attn + p.listwise_weight * loss_listwise
+        return loss, {"loss": loss.item(), **logs, "loss_attn": loss_attn.item(),
+                      "loss_listwise": loss_listwise.item()}
 
 
 def build(spec: FeatureSpec, cfg, teachers: Mapping[str, nn.Module]) -> DistilledDualEncoderModel:
     return DistilledDualEncoderModel(spec, cfg.model, cross_teacher(teachers, "distilled_dual_encoder"),
-                                     cfg.distill.params)
+                                     cfg.distill.params, cfg.student)

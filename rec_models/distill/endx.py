@@ -20,6 +20,11 @@ each of the four pairs (X, Y) in {(u, v), (v, v), (v, u), (u, u)}:
 
     L = BCE(s, y) + gam_weight * L_GAM,     s = scale * <s_u, s_v> + b   (the DSSM logit)
 
+Into a retrieval student (``student.objective`` sampled_softmax or mixed) BCE(s, y) is
+replaced by that objective (``rec_models.objectives``): the GAM term already is a
+listwise loss over the batch's candidates, the teacher scoring every user x item pair of
+the batch through its cross embeddings, and it is added to the student's softmax as is.
+
 Only similarity *distributions* are matched (logits only), never the vectors: teacher and
 student live in spaces of different dimension (embedding_dim vs output_dim) and bases.
 Both sides are L2-normalised so that <., .> is a cosine for both models and the two
@@ -43,10 +48,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from rec_models.batch import Batch, label_and_weight
-from rec_models.config import ModelConf, parse_params
+from rec_models.config import ModelConf, StudentConf, parse_params
 from rec_models.distill.base import FrozenTeachers, freeze
 from rec_models.losses import bce
-from rec_models.models.dssm import DSSM
+from rec_models.objectives import ItemBank, make_student, student_loss
 from rec_models.spec import FeatureSpec
 
 # name -> (side of i, side of j, exclude i itself); side 0 = user, 1 = item
@@ -110,23 +115,7 @@ def geometry_alignment_terms(
     return terms
 
 
-# ---- student and model --------------------------------------------------------------------
-class StudentParams(BaseModel):
-    """The DSSM student has no architecture parameters beyond ModelConf."""
-    model_config = ConfigDict(extra="forbid")
-
-
-class ENDXStudent(DSSM):
-    """The DSSM two-tower with the student contract of every method: ``score_kind``,
-    validated ``params`` and a ``(spec, model_conf, params)`` constructor (export)."""
-
-    score_kind = "dot"
-
-    def __init__(self, spec: FeatureSpec, model_conf: ModelConf, params: Optional[dict] = None):
-        super().__init__(spec, model_conf)
-        self.params = StudentParams(**(params or {}))
-
-
+# ---- model ----------------------------------------------------------------------------------
 class ENDXParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
     gam_weight: float = Field(0.1, ge=0)
@@ -138,13 +127,15 @@ class ENDXModel(FrozenTeachers, nn.Module):
     """DSSM student + frozen cross-encoder teacher (heads: "student", "teacher")."""
 
     def __init__(self, spec: FeatureSpec, model_conf: ModelConf, params: ENDXParams | dict | None,
-                 teacher: nn.Module):
+                 teacher: nn.Module, student_conf: Optional[StudentConf] = None):
         super().__init__()
         if not hasattr(teacher, "outputs"):
             raise TypeError(f"ENDX needs a cross-encoder teacher with .outputs(batch), got {type(teacher).__name__}")
         self.spec = spec
         self.params = params if isinstance(params, ENDXParams) else parse_params(ENDXParams, params, "endx")
-        self.student = ENDXStudent(spec, model_conf)
+        self.student_conf = student_conf or StudentConf(objective="pointwise")
+        self.student = make_student(spec, model_conf, self.student_conf)
+        self.item_bank: Optional[ItemBank] = None   # given by the training loop for student.objective=mixed
         self.teacher = freeze(teacher)   # a submodule: checkpoints hold it, load_trained refills it
 
     def frozen_modules(self) -> list[nn.Module]:
@@ -164,11 +155,14 @@ class ENDXModel(FrozenTeachers, nn.Module):
         return {"student": self.student(batch), "teacher": teacher}
 
     def training_loss(self, batch: Batch, step: int) -> tuple[torch.Tensor, dict[str, float]]:
-        """L = BCE(s, y) + gam_weight * (L_ui + L_ii + L_iu + L_uu)."""
+        """L = BCE(s, y) (or the student objective) + gam_weight * (L_ui + L_ii + L_iu + L_uu)."""
         p = self.params
-        label, weight = label_and_weight(self.spec, batch)
         u, v = self.student.encode_user(batch), self.student.encode_item(batch)
-        loss_student = bce(self.student.score(u, v), label, weight)
+        if self.student_conf.objective == "pointwise":
+            label, weight = label_and_weight(self.spec, batch)
+            loss_student = bce(self.student.score(u, v), label, weight)
+        else:
+            loss_student, _ = student_loss(self.student, self.spec, self.student_conf, batch, bank=self.item_bank)
         _, t_u, t_v = self.teacher_embeddings(batch)
         terms = geometry_alignment_terms(t_u, t_v, u, v, p.temperature_teacher, p.temperature_student)
         loss_gam = torch.stack(list(terms.values())).sum()
@@ -181,4 +175,5 @@ class ENDXModel(FrozenTeachers, nn.Module):
 def build(spec: FeatureSpec, cfg, teachers) -> ENDXModel:
     """rec_models.methods builder: ``teachers["cross_encoder"]`` frozen; params validated
     (an unknown key in ``distill.params`` is an error naming it)."""
-    return ENDXModel(spec, cfg.model, parse_params(ENDXParams, cfg.distill.params, "endx"), teachers["cross_encoder"])
+    return ENDXModel(spec, cfg.model, parse_params(ENDXParams, cfg.distill.params, "endx"), teachers["cross_encoder"],
+                     cfg.student)

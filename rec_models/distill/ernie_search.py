@@ -31,6 +31,30 @@ Stage 2, the dual encoder learns from the labels and sg(ColBERT):
 
     L = L_C + L_S
 
+Into a retrieval student (``student.objective`` sampled_softmax or mixed,
+``rec_models.objectives``) the dual encoder is a ``CalibratedTokenDualEncoder`` and every
+score distillation is listwise, as in the paper's dense retrieval setting; the ColBERT
+keeps its labels' BCE (its own logit is reported as head "colbert"):
+
+    L_C = BCE(c, y) + colbert_soft_weight * SL(c, t) + colbert_attn_weight * KL(A_t || A_c)
+        + listwise_weight * mean_q KL( softmax_j(t_qj / T_l) || softmax_j(c_qj / T_l) )
+    L_S = L_softmax(u, v; tau) + calibration_weight * BCE(calibrated(sg <u, v>), y)       tower_loss
+        + alpha(step) * ( rep_weight  * (||u - sg u_c||^2 + ||v - sg v_c||^2)
+                        + attn_weight * KL(sg A_c || A_s)
+                        + dist_weight * mean_w_i KL( softmax_j(S_c[i, j] / T) || softmax_j(<u_i, v_j> / tau) )
+                        + listwise_weight * mean_q KL( softmax_j(t_qj / T_l) || softmax_j(<u_q, v_j> / tau) ) )
+
+What the teachers score: the cross-encoder scores each impression's own row (SL(c, t)
+and A_t for the ColBERT, privileged columns included) and, for the listwise terms, the
+candidates of each clicked row q: its positive and M - 1 other items of the batch
+(``rec_models.distill.listwise``: pair inputs, neutral privileged columns, Q x M teacher
+passes; T_l = ``listwise_temperature``); those scores teach the ColBERT (c_qj its logit of
+the same pairs) and the dual encoder directly. The ColBERT, a two-tower model, scores every
+row i against every distinct item j of the batch (S_c, its logits), which teaches the
+dual encoder's retrieval distribution over the same items (dist). The pointwise
+logit term SL(s, sg c) is not added under the softmax objectives (the calibrated logit
+learns from its own BCE only).
+
 SL is ``rec_models.losses.soft_label_distillation`` at temperature T; KL on attention is
 ``rec_models.distill.distilled_dual_encoder.attention_kl`` (row-wise, mean over user tokens and
 batch). Every auxiliary loss detaches its teacher argument: the student never trains the
@@ -44,16 +68,19 @@ from typing import Mapping, Optional
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 from torch import nn
 
-from rec_models.config import ModelConf, parse_params
+from rec_models.batch import item_ids
+from rec_models.config import ModelConf, StudentConf, parse_params
 from rec_models.distill.base import CrossTeacherDistill, cross_teacher, student_params
 from rec_models.distill.distilled_dual_encoder import attention_kl
-from rec_models.losses import bce, linear_warmup, soft_label_distillation, weighted_mean
+from rec_models.distill.listwise import ListwiseParams, ListwiseTargets, candidate_scores, listwise_kl
+from rec_models.losses import bce, in_batch_candidates, linear_warmup, soft_label_distillation, weighted_mean
 from rec_models.models.colbert import ColBERT
 from rec_models.models.cross_encoder import CrossEncoder
 from rec_models.models.dual_encoder import TokenDualEncoder
+from rec_models.objectives import ItemBank, make_token_student, tower_loss
 from rec_models.serving.scoring import score_all
 from rec_models.spec import FeatureSpec
 
@@ -99,7 +126,8 @@ def mean_token_vector(tokens: torch.Tensor) -> torch.Tensor:
 
 
 # ---- model -------------------------------------------------------------------------------
-class ErnieSearchParams(BaseModel):
+class ErnieSearchParams(ListwiseParams):
+    """listwise_*: the listwise terms of the softmax objectives (``ListwiseParams``)."""
     model_config = ConfigDict(extra="forbid")
     # stage 1: cross-encoder -> ColBERT
     colbert_soft_weight: float = Field(1.0, ge=0)   # SL(c, t)
@@ -118,6 +146,11 @@ class ErnieSearchParams(BaseModel):
     colbert_layers: int = Field(1, ge=1)            # intermediate ColBERT towers
     colbert_heads: int = Field(2, ge=1)
 
+    def student_params(self) -> dict:
+        """The dual encoder's ``DualEncoderParams`` (its undistilled baseline: method
+        ``token_dual_encoder``, or ``token_dual_encoder_attn`` with attention pooling)."""
+        return student_params(self.layers, self.heads, self.pooling)
+
 
 def _freeze_colbert_unused(colbert: ColBERT) -> ColBERT:
     """ColBERT scores with its token projection; the inherited pooling query and pooled
@@ -135,11 +168,13 @@ class ErnieSearchModel(CrossTeacherDistill):
     ``.student`` is the servable dual encoder, ``.colbert`` the intermediate model."""
 
     def __init__(self, spec: FeatureSpec, model_conf: ModelConf, teacher: CrossEncoder,
-                 params: Optional[dict] = None):
+                 params: Optional[dict] = None, student_conf: Optional[StudentConf] = None):
         p = parse_params(ErnieSearchParams, params, "ernie_search")
-        student = TokenDualEncoder(spec, model_conf, student_params(p.layers, p.heads, p.pooling))
-        super().__init__(spec, teacher, student)
+        conf = student_conf or StudentConf(objective="pointwise")
+        super().__init__(spec, teacher, make_token_student(spec, model_conf, p.student_params(), conf))
         self.params = p
+        self.student_conf = conf
+        self.item_bank: Optional[ItemBank] = None   # given by the training loop for student.objective=mixed
         self.colbert = _freeze_colbert_unused(
             ColBERT(spec, model_conf, student_params(p.colbert_layers, p.colbert_heads, "mean")))
 
@@ -177,6 +212,9 @@ class ErnieSearchModel(CrossTeacherDistill):
         out["colbert"] = (out["colbert_hard"] + p.colbert_soft_weight * out["colbert_soft"]
                           + p.colbert_attn_weight * out["colbert_attn"])
 
+        if self.student_conf.objective != "pointwise":
+            return self._retrieval_losses(batch, step, out, eu, ev, a_c)
+
         # stage 2: the dual encoder, taught by the ColBERT (each loss detaches it)
         st = self.student
         hu, hv = st.user_states(batch), st.item_states(batch)
@@ -194,6 +232,39 @@ class ErnieSearchModel(CrossTeacherDistill):
         out["student"] = out["student_hard"] + self.alpha(step) * aux
         return out
 
+    def _retrieval_losses(self, batch: Batch, step: int, out: dict[str, torch.Tensor], eu: torch.Tensor,
+                          ev: torch.Tensor, a_c: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``losses`` under the softmax objectives (module docstring), from stage 1's terms
+        ``out`` and the ColBERT's token vectors and attention."""
+        p, st, conf, col = self.params, self.student, self.student_conf, self.colbert
+        _, weight = self.label_weight(batch)
+        targets = ListwiseTargets.of_batch(self.teacher, self.spec, batch, p)
+        # stage 1 + listwise: the ColBERT's logits c_qj of the teacher's candidates
+        if targets.empty:
+            out["colbert_listwise"] = (eu.sum() + ev.sum()) * 0.0
+        else:
+            late = candidate_scores(col.score_kind, eu, ev, targets.queries, targets.cand)
+            c_scores = col.log_scale.exp() * late / col.n_user_tokens + col.bias
+            out["colbert_listwise"] = listwise_kl(c_scores, targets.teacher_scores, p.listwise_temperature,
+                                                  p.listwise_temperature, targets.weight)
+        out["colbert"] = out["colbert"] + p.listwise_weight * out["colbert_listwise"]
+
+        # stage 2: the retrieval student, taught by the ColBERT (detached) and the cross-encoder
+        hu, hv = st.user_states(batch), st.item_states(batch)
+        u, v = st.user_vector(hu), st.item_vector(hv)
+        out["student_hard"], _ = tower_loss(st, self.spec, conf, batch, u, v, bank=self.item_bank)
+        out["rep"] = (representation_mse(u, mean_token_vector(eu), weight)
+                      + representation_mse(v, mean_token_vector(ev), weight))
+        out["attn"] = attention_kl(TokenDualEncoder.virtual_attention(hu, hv), a_c, weight)
+        first, _, _ = in_batch_candidates(item_ids(self.spec, batch))   # the batch's distinct items
+        out["dist"] = listwise_kl(score_all(st.score_kind, u, v[first]),
+                                  self.colbert_logit_matrix(eu, ev[first]), conf.temperature, p.temperature, weight)
+        out["listwise"] = targets.kl(st.score_kind, u, v, conf.temperature)
+        aux = (p.rep_weight * out["rep"] + p.attn_weight * out["attn"] + p.dist_weight * out["dist"]
+               + p.listwise_weight * out["listwise"])
+        out["student"] = out["student_hard"] + self.alpha(step) * aux
+        return out
+
     def training_loss(self, batch: Batch, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         """L = L_C + L_S (module docstring)."""
         out = self.losses(batch, step)
@@ -204,4 +275,5 @@ class ErnieSearchModel(CrossTeacherDistill):
 
 
 def build(spec: FeatureSpec, cfg, teachers: Mapping[str, nn.Module]) -> ErnieSearchModel:
-    return ErnieSearchModel(spec, cfg.model, cross_teacher(teachers, "ernie_search"), cfg.distill.params)
+    return ErnieSearchModel(spec, cfg.model, cross_teacher(teachers, "ernie_search"), cfg.distill.params,
+                            cfg.student)

@@ -14,6 +14,11 @@ The KL is zero exactly when s == t (unlike the cross-entropy form, which is mini
 equals the teacher's entropy there); its gradient is the same. The teacher is frozen and
 detached: the loss never trains it.
 
+Into a retrieval student (``student.objective`` sampled_softmax or mixed) the teacher
+scores each impression's own (user, item) row and its softened probability becomes that
+row's positive weight in the student's softmax over the batch's candidates,
+w = (1 - lambda) y + lambda sigma(t / T) (``rec_models.objectives.soft_positive_weights``).
+
 This is the worked example of adding a method (docs/architecture.md): this module, its
 registry entry in ``rec_models.methods``, ``conf/method/kd.yaml`` and
 ``tests/test_method_kd.py``.
@@ -28,10 +33,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from rec_models.batch import Batch, label_and_weight
-from rec_models.config import ModelConf, parse_params
+from rec_models.config import ModelConf, StudentConf, parse_params
 from rec_models.distill.base import FrozenTeachers, cross_teacher, freeze
 from rec_models.losses import bce, weighted_mean
-from rec_models.models.dssm import DSSM
+from rec_models.objectives import ItemBank, make_student, soft_positive_weights, student_loss
 from rec_models.spec import FeatureSpec
 
 
@@ -67,11 +72,13 @@ class KDModel(FrozenTeachers, nn.Module):
     """DSSM student + frozen teacher (heads "student", "teacher"); ``.student`` is served."""
 
     def __init__(self, spec: FeatureSpec, model_conf: ModelConf, teacher: nn.Module,
-                 params: Optional[Mapping] = None):
+                 params: Optional[Mapping] = None, student_conf: Optional[StudentConf] = None):
         super().__init__()
         self.spec = spec
         self.params = parse_params(KDParams, params, "kd")
-        self.student = DSSM(spec, model_conf)
+        self.student_conf = student_conf or StudentConf(objective="pointwise")
+        self.student = make_student(spec, model_conf, self.student_conf)
+        self.item_bank: Optional[ItemBank] = None   # given by the training loop for student.objective=mixed
         self.teacher = freeze(teacher)   # a submodule: checkpoints hold it, load_trained refills it
 
     def frozen_modules(self) -> list[nn.Module]:
@@ -85,9 +92,15 @@ class KDModel(FrozenTeachers, nn.Module):
         return {"student": self.student(batch), "teacher": self.teacher_logit(batch)}
 
     def training_loss(self, batch: Batch, step: int) -> tuple[torch.Tensor, dict[str, float]]:
-        """L = (1 - lambda) BCE(s, y) + lambda T^2 KL(Bern(sigma(t/T)) || Bern(sigma(s/T)))."""
+        """L = (1 - lambda) BCE(s, y) + lambda T^2 KL(Bern(sigma(t/T)) || Bern(sigma(s/T)))
+        (pointwise); the student objective with soft positives w = (1 - lambda) y +
+        lambda sigma(t/T) (softmax objectives, as PFD's)."""
         label, weight = label_and_weight(self.spec, batch)
         p = self.params
+        if self.student_conf.objective != "pointwise":
+            positives = soft_positive_weights(label, self.teacher_logit(batch), p.soft_weight, p.temperature)
+            loss, logs = student_loss(self.student, self.spec, self.student_conf, batch, positives, self.item_bank)
+            return loss, {"loss": loss.item(), **logs}
         loss, hard, soft = hinton_kd_loss(self.student(batch), self.teacher_logit(batch), label,
                                           p.soft_weight, p.temperature, weight)
         return loss, {"loss": loss.item(), "loss_student": hard.item(), "loss_soft": soft.item()}
@@ -95,4 +108,4 @@ class KDModel(FrozenTeachers, nn.Module):
 
 def build(spec: FeatureSpec, cfg, teachers: Mapping[str, nn.Module]) -> KDModel:
     """rec_models.methods builder: ``teachers["cross_encoder"]``, frozen here."""
-    return KDModel(spec, cfg.model, cross_teacher(teachers, "kd"), cfg.distill.params)
+    return KDModel(spec, cfg.model, cross_teacher(teachers, "kd"), cfg.distill.params, cfg.student)

@@ -11,6 +11,17 @@ embeddings and train jointly; the student also matches the teacher's soft labels
 
 The distillation term never trains the teacher (the target is detached inside the loss),
 so the teacher learns from labels only while the shared embeddings learn from both.
+
+Into a retrieval student (``student.objective`` sampled_softmax or mixed,
+``rec_models.objectives``) the teacher's soft label becomes each impression's positive
+weight in the student's softmax over the batch's candidates:
+
+    L = [BCE(t, y)] + L_softmax(w) + calibration,  w_r = (1 - alpha(step)) y_r + alpha(step) sigma(t_r / T)
+
+The teacher scores the impression's own (user, item) row only: its privileged columns
+(the user's recent statistics in the item's category, past impressions of the pair)
+exist for that pair, not for the batch's other candidates. A non-clicked impression the
+teacher finds likely becomes a partial positive; a click it finds unlikely weighs less.
 With a pre-trained teacher (``teacher_frozen=True`` / ``load_teacher``) the BCE(t, y)
 term is dropped and the teacher-only parameters are frozen.
 
@@ -21,14 +32,16 @@ DDP-wrapped module whose forward must be the one called.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import nn
 
 from rec_models.batch import Batch, label_and_weight
-from rec_models.config import DistillConf, ModelConf
+from rec_models.config import ConfigError, DistillConf, ModelConf, StudentConf
 from rec_models.distill.base import FrozenTeachers, teacher_state
 from rec_models.losses import bce, linear_warmup, soft_label_distillation
-from rec_models.models.dssm import DSSM
+from rec_models.objectives import ItemBank, make_student, soft_positive_weights, student_loss
 from rec_models.models.pfd_teacher import PFDTeacher
 from rec_models.spec import FeatureSpec
 
@@ -42,11 +55,17 @@ class PFDModel(FrozenTeachers, nn.Module):
         model_conf: ModelConf,
         distill_conf: DistillConf,
         teacher_frozen: bool = False,
+        student_conf: Optional[StudentConf] = None,
     ):
         super().__init__()
         self.spec = spec
         self.distill_conf = distill_conf
-        self.student = DSSM(spec, model_conf)
+        self.student_conf = student_conf or StudentConf(objective="pointwise")
+        if self.student_conf.objective != "pointwise" and distill_conf.alpha > 1:
+            raise ConfigError(f"distill.alpha={distill_conf.alpha}: into a retrieval student (student.objective="
+                              f"{self.student_conf.objective}) alpha mixes click and soft label, so it must lie in [0, 1]")
+        self.student = make_student(spec, model_conf, self.student_conf)
+        self.item_bank: Optional[ItemBank] = None   # given by the training loop for student.objective=mixed
         self.teacher = PFDTeacher(spec, model_conf, self.student.public_embeddings)
         self.teacher_frozen = False
         if teacher_frozen:
@@ -101,8 +120,24 @@ class PFDModel(FrozenTeachers, nn.Module):
         return linear_warmup(step, self.distill_conf.warmup_steps, self.distill_conf.alpha)
 
     def training_loss(self, batch: Batch, step: int) -> tuple[torch.Tensor, dict[str, float]]:
-        """L = [BCE(t, y) unless frozen] + BCE(s, y) + alpha(step) * distill(s, t)."""
-        return self.loss_from_outputs(self(batch), batch, step)
+        """L = [BCE(t, y) unless frozen] + BCE(s, y) + alpha(step) * distill(s, t) (pointwise),
+        or [BCE(t, y)] + the student objective with soft positives (softmax objectives)."""
+        if self.student_conf.objective == "pointwise":
+            return self.loss_from_outputs(self(batch), batch, step)
+        label, weight = label_and_weight(self.spec, batch)
+        tokens = self.student.public_embeddings.tokens(batch)
+        if self.teacher_frozen:
+            with torch.no_grad():
+                teacher = self.teacher(batch, public_tokens=tokens)
+        else:
+            teacher = self.teacher(batch, public_tokens=tokens)
+        alpha = self.alpha(step)
+        positives = soft_positive_weights(label, teacher, alpha, self.distill_conf.temperature)
+        loss, logs = student_loss(self.student, self.spec, self.student_conf, batch, positives, self.item_bank, tokens)
+        loss_teacher = bce(teacher, label, weight)
+        if not self.teacher_frozen:
+            loss = loss + loss_teacher
+        return loss, {"loss": loss.item(), **logs, "loss_teacher": loss_teacher.item(), "alpha": alpha}
 
     def loss_from_outputs(self, outputs: dict[str, torch.Tensor], batch: Batch, step: int):
         """The loss of ``training_loss`` from ``forward``'s outputs (call the DDP-wrapped
@@ -127,4 +162,4 @@ class PFDModel(FrozenTeachers, nn.Module):
 
 
 def build_pfd(spec: FeatureSpec, cfg, teachers) -> PFDModel:
-    return PFDModel(spec, cfg.model, cfg.distill)
+    return PFDModel(spec, cfg.model, cfg.distill, student_conf=cfg.student)

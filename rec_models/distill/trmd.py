@@ -32,6 +32,29 @@ score equals the teacher's normalised late-interaction score. The CLS head is a 
 vector per side, which has no token-level counterpart in the cross-encoder; it learns the
 cross-encoder's *score* instead (soft labels through its own training-only scale s_c and
 bias b_c, since the cross-encoder's logit has its own range).
+
+Into a retrieval student (``student.objective`` sampled_softmax or mixed,
+``rec_models.objectives``). The retrieval vectors are what the tables store,
+encode_user = [u_0 ; E_u / sqrt(Fu)] and encode_item = [v_0 ; E_v / sqrt(Fu)], and the
+retrieval score is the stored score kind ``dot+late``, the two rankers summed:
+score(u, v) = <u_0, v_0> + (1/Fu) sum_a max_b <E_u[a], E_v[b]>, in [-2, 2]. TRMD is not a
+single-vector dot-product student, so its in-batch softmax ranks the candidates by that
+very score (``objectives.softmax_loss_of_kind("dot+late")``): the training softmax and the
+tables rank the same way. The student is a ``CalibratedTRMDStudent`` (same towers and
+stored vectors, logit calibrated on running statistics of that score), and
+
+    L = L_softmax(score; tau) + calibration_weight * BCE(calibrated(sg score), y)          tower_loss
+      + listwise_weight * mean_q KL( softmax_j(t_qj / T_l) || softmax_j(<u_q0, v_j0> / tau) )   CLS head
+      + rep_weight * L_rep                                                                  REP head
+
+Each head keeps its own teacher, as in the paper: the cross-encoder scores the candidates
+of each clicked row q (its positive and M - 1 other items of the batch;
+``rec_models.distill.listwise``: pair inputs, neutral privileged columns, Q x M teacher
+passes, T_l = ``listwise_temperature``) and teaches the CLS ranker's distribution over
+them; ColBERT's token vectors of each impression's own row teach the REP head (L_rep,
+unchanged). The pointwise CLS term (``cls_weight``, ``temperature``) and its training-only
+scale and bias are not used under the softmax objectives (frozen there, so every
+trainable parameter still gets a gradient).
 """
 from __future__ import annotations
 
@@ -40,15 +63,19 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 from torch import nn
 
 from rec_models.batch import Batch, label_and_weight
-from rec_models.config import ModelConf, parse_params
+from rec_models.config import ModelConf, StudentConf, parse_params
 from rec_models.distill.base import FrozenTeachers, freeze
+from rec_models.distill.listwise import ListwiseParams, ListwiseTargets
+from rec_models.layers.calibration import RunningCalibration
 from rec_models.layers.tokens import PublicTokens
 from rec_models.losses import bce, soft_label_distillation
 from rec_models.models.dual_encoder import DualEncoderParams, TokenDualEncoder
+from rec_models.models.token_baselines import TokenStudentOnly
+from rec_models.objectives import SOFTMAX_OBJECTIVES, ItemBank, tower_loss
 from rec_models.serving.scoring import score_pairs
 from rec_models.spec import FeatureSpec
 
@@ -129,8 +156,28 @@ class TRMDStudent(TokenDualEncoder):
         return self.score(self.encode_user(batch), self.encode_item(batch))
 
 
+class CalibratedTRMDStudent(RunningCalibration, TRMDStudent):
+    """``TRMDStudent`` for the softmax objectives: same towers, same stored vectors (score
+    kind ``dot+late``); ``score`` is the calibrated logit of the summed score,
+    s * (score - mu) / sigma + b + logit(pi) (state ``calibration``, ``log_scale``, ``bias``)."""
+
+    def __init__(self, spec: FeatureSpec, model_conf: ModelConf, params: Optional[dict] = None,
+                 tokens: Optional[PublicTokens] = None):
+        super().__init__(spec, model_conf, params, tokens)
+        self.init_calibration()
+
+
+def make_trmd_student(spec: FeatureSpec, model_conf: ModelConf, params: Optional[dict],
+                      conf: StudentConf) -> TRMDStudent:
+    """TRMD's student under ``conf.objective``: ``CalibratedTRMDStudent`` for the softmax objectives."""
+    cls = CalibratedTRMDStudent if conf.objective in SOFTMAX_OBJECTIVES else TRMDStudent
+    return cls(spec, model_conf, params)
+
+
 # ---- model -------------------------------------------------------------------------------
-class TRMDParams(BaseModel):
+class TRMDParams(ListwiseParams):
+    """listwise_*: the CLS head's listwise term under the softmax objectives (``ListwiseParams``);
+    cls_weight and temperature: its pointwise term."""
     model_config = ConfigDict(extra="forbid")
     cls_weight: float = Field(1.0, ge=0)
     rep_weight: float = Field(1.0, ge=0)
@@ -148,11 +195,13 @@ class TRMDModel(FrozenTeachers, nn.Module):
     """TRMD student + frozen cross-encoder and ColBERT teachers (heads: "student", "teacher")."""
 
     def __init__(self, spec: FeatureSpec, model_conf: ModelConf, params: TRMDParams | dict | None,
-                 cross_encoder: nn.Module, colbert: nn.Module):
+                 cross_encoder: nn.Module, colbert: nn.Module, student_conf: Optional[StudentConf] = None):
         super().__init__()
         self.spec = spec
         self.params = params if isinstance(params, TRMDParams) else parse_params(TRMDParams, params, "trmd")
-        self.student = TRMDStudent(spec, model_conf, self.params.student_params())
+        self.student_conf = student_conf or StudentConf(objective="pointwise")
+        self.student = make_trmd_student(spec, model_conf, self.params.student_params(), self.student_conf)
+        self.item_bank: Optional[ItemBank] = None   # given by the training loop for student.objective=mixed
         self.cross_teacher = freeze(cross_encoder)
         self.colbert_teacher = freeze(colbert)   # a ColBERTModel (its .student) or a ColBERT
         late = self._colbert
@@ -168,6 +217,9 @@ class TRMDModel(FrozenTeachers, nn.Module):
         # CLS-head calibration for the soft labels: training only, not part of the student
         self.cls_log_scale = nn.Parameter(torch.tensor(math.log(8.0)))
         self.cls_bias = nn.Parameter(torch.zeros(()))
+        if self.student_conf.objective != "pointwise":   # the CLS head's teacher term is listwise there
+            self.cls_log_scale.requires_grad_(False)
+            self.cls_bias.requires_grad_(False)
 
     @property
     def _colbert(self) -> nn.Module:
@@ -193,10 +245,14 @@ class TRMDModel(FrozenTeachers, nn.Module):
         return {"student": self.student(batch), "teacher": self.teacher_logit(batch)}
 
     def training_loss(self, batch: Batch, step: int) -> tuple[torch.Tensor, dict[str, float]]:
-        """L = BCE(logit, y) + cls_weight * L_cls(z_cls, t_ce) + rep_weight * L_rep."""
+        """L = BCE(logit, y) + cls_weight * L_cls(z_cls, t_ce) + rep_weight * L_rep (pointwise);
+        the student objective + listwise_weight * L_listwise(CLS head) + rep_weight * L_rep
+        (softmax objectives: module docstring)."""
         p, st = self.params, self.student
         label, weight = label_and_weight(self.spec, batch)
         (u0, eu), (v0, ev) = st.user_parts(batch), st.item_parts(batch)
+        if self.student_conf.objective != "pointwise":
+            return self._retrieval_loss(batch, u0, eu, v0, ev)
         logit = st.score(st.stack(u0, eu), st.stack(v0, ev))
         loss_student = bce(logit, label, weight)
         loss_cls = cls_distillation_loss(self.cls_logit(u0, v0), self.teacher_logit(batch), p.temperature, weight)
@@ -206,9 +262,29 @@ class TRMDModel(FrozenTeachers, nn.Module):
                 "loss_cls": loss_cls.item(), "loss_rep": loss_rep.item()}
         return loss, logs
 
+    def _retrieval_loss(self, batch: Batch, u0: torch.Tensor, eu: torch.Tensor, v0: torch.Tensor,
+                        ev: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        p, st, conf = self.params, self.student, self.student_conf
+        loss_student, logs = tower_loss(st, self.spec, conf, batch, st.stack(u0, eu), st.stack(v0, ev),
+                                        bank=self.item_bank)
+        loss_listwise = ListwiseTargets.of_batch(self.cross_teacher, self.spec, batch, p).kl(
+            "dot", u0, v0, conf.temperature)
+        loss_rep = rep_alignment_loss(eu, ev, *self.teacher_tokens(batch))
+        loss = loss_student + p.listwise_weight * loss_listwise + p.rep_weight * loss_rep
+        return loss, {"loss": loss.item(), **logs, "loss_listwise": loss_listwise.item(),
+                      "loss_rep": loss_rep.item()}
+
 
 def build(spec: FeatureSpec, cfg, teachers) -> TRMDModel:
     """rec_models.methods builder: ``teachers["cross_encoder"]`` and ``teachers["colbert"]``
     frozen; params validated (an unknown key in ``distill.params`` is an error naming it)."""
     return TRMDModel(spec, cfg.model, parse_params(TRMDParams, cfg.distill.params, "trmd"),
-                     teachers["cross_encoder"], teachers["colbert"])
+                     teachers["cross_encoder"], teachers["colbert"], cfg.student)
+
+
+def build_student_only(spec: FeatureSpec, cfg, teachers) -> TokenStudentOnly:
+    """rec_models.methods builder of ``trmd_student``: TRMD's student (same towers, two
+    rankers, score kind ``dot+late``) trained on labels alone under ``student.objective``,
+    the undistilled baseline of ``trmd``; ``distill.params``: ``DualEncoderParams``."""
+    params = parse_params(DualEncoderParams, cfg.distill.params, "trmd_student").model_dump()
+    return TokenStudentOnly(spec, make_trmd_student(spec, cfg.model, params, cfg.student), cfg.student)

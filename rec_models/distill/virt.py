@@ -12,6 +12,20 @@ a two-tower model cannot compute. Student: ``TokenDualEncoder`` with attention p
     s = exp(log_s) <u, v> + b
     L = BCE(s, y) + attn_weight * mean_b || A_s[b] - A_t[b] ||_F^2
 
+Into a retrieval student (``student.objective`` sampled_softmax or mixed,
+``rec_models.objectives``) the student is a ``CalibratedTokenDualEncoder`` and
+
+    L = L_softmax(u, v; tau) + calibration_weight * BCE(calibrated(sg <u, v>), y)     tower_loss
+      + attn_weight * mean_b || A_s[b] - A_t[b] ||_F^2                                own rows
+      + listwise_weight * mean_q KL( softmax_j(t_qj / T) || softmax_j(<u_q, v_j> / tau) )  candidates
+
+What the teacher scores: its attention map A_t is computed on each impression's own
+(user, item) row (with its privileged columns), as in the pointwise loss; for the listwise
+term it scores the in-batch candidates of each clicked row q (its positive and M - 1 other
+items of the batch, at most ``listwise_queries`` queries: ``rec_models.distill.listwise``,
+which also says how the pair inputs are built and what they cost). The student's
+distribution over those candidates is the retrieval softmax's (<u, v> / tau).
+
 The virtual attention exists at training time only: it lets the towers learn states whose
 dot products reproduce the teacher's cross attention, so the interaction knowledge is
 baked into each side's representation. Serving is a pure dual encoder (score kind ``dot``).
@@ -23,14 +37,16 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
 from rec_models.batch import Batch
-from rec_models.config import ModelConf, parse_params
+from rec_models.config import ModelConf, StudentConf, parse_params
 from rec_models.distill.base import CrossTeacherDistill, cross_teacher, student_params
+from rec_models.distill.listwise import ListwiseParams, ListwiseTargets
 from rec_models.losses import bce, weighted_mean
 from rec_models.models.cross_encoder import CrossEncoder
 from rec_models.models.dual_encoder import TokenDualEncoder
+from rec_models.objectives import ItemBank, make_token_student, tower_loss
 from rec_models.spec import FeatureSpec
 
 
@@ -48,34 +64,52 @@ def attention_l2(student_attention: torch.Tensor, teacher_attention: torch.Tenso
 
 
 # ---- VIRT --------------------------------------------------------------------------------
-class VIRTParams(BaseModel):
+class VIRTParams(ListwiseParams):
+    """listwise_*: the listwise term of the softmax objectives (``ListwiseParams``)."""
     model_config = ConfigDict(extra="forbid")
     attn_weight: float = Field(1.0, ge=0)   # weight of the attention L2 term
     layers: int = Field(1, ge=1)            # student tower transformer layers
     heads: int = Field(2, ge=1)
+
+    def student_params(self) -> dict:
+        """The student's ``DualEncoderParams``: attention pooling, VIRT's attention-weighted
+        representation (its undistilled baseline: method ``token_dual_encoder_attn``)."""
+        return student_params(self.layers, self.heads, "attention")
 
 
 class VIRTModel(CrossTeacherDistill):
     """Heads "teacher" (cross-encoder) and "student"; ``.student`` is the servable dual encoder."""
 
     def __init__(self, spec: FeatureSpec, model_conf: ModelConf, teacher: CrossEncoder,
-                 params: Optional[dict] = None):
+                 params: Optional[dict] = None, student_conf: Optional[StudentConf] = None):
         p = parse_params(VIRTParams, params, "virt")
-        # attention pooling: VIRT's attention-weighted representation
-        student = TokenDualEncoder(spec, model_conf, student_params(p.layers, p.heads, "attention"))
-        super().__init__(spec, teacher, student)
+        conf = student_conf or StudentConf(objective="pointwise")
+        super().__init__(spec, teacher, make_token_student(spec, model_conf, p.student_params(), conf))
         self.params = p
+        self.student_conf = conf
+        self.item_bank: Optional[ItemBank] = None   # given by the training loop for student.objective=mixed
 
     def training_loss(self, batch: Batch, step: int) -> tuple[torch.Tensor, dict[str, float]]:
-        """L = BCE(s, y) + attn_weight * attention_l2(A_s, A_t)."""
+        """L = BCE(s, y) + attn_weight * attention_l2(A_s, A_t) (pointwise); the student
+        objective + attn_weight * attention_l2 + listwise_weight * L_listwise (softmax
+        objectives: module docstring)."""
+        p, st, conf = self.params, self.student, self.student_conf
         label, weight = self.label_weight(batch)
         teacher = self.teacher_outputs(batch)
-        logit, hu, hv = self.student_pass(batch)
-        loss_student = bce(logit, label, weight)
+        hu, hv = st.user_states(batch), st.item_states(batch)
+        u, v = st.user_vector(hu), st.item_vector(hv)
         loss_attn = attention_l2(TokenDualEncoder.virtual_attention(hu, hv), teacher.attention, weight)
-        loss = loss_student + self.params.attn_weight * loss_attn
-        return loss, {"loss": loss.item(), "loss_student": loss_student.item(), "loss_attn": loss_attn.item()}
+        if conf.objective == "pointwise":
+            loss_student = bce(st.score(u, v), label, weight)
+            loss = loss_student + p.attn_weight * loss_attn
+            return loss, {"loss": loss.item(), "loss_student": loss_student.item(), "loss_attn": loss_attn.item()}
+        loss_student, logs = tower_loss(st, self.spec, conf, batch, u, v, bank=self.item_bank)
+        loss_listwise = ListwiseTargets.of_batch(self.teacher, self.spec, batch, p).kl(
+            st.score_kind, u, v, conf.temperature)
+        loss = loss_student + p.attn_weight * loss_attn + p.listwise_weight * loss_listwise
+        return loss, {"loss": loss.item(), **logs, "loss_attn": loss_attn.item(),
+                      "loss_listwise": loss_listwise.item()}
 
 
 def build(spec: FeatureSpec, cfg, teachers) -> VIRTModel:
-    return VIRTModel(spec, cfg.model, cross_teacher(teachers, "virt"), cfg.distill.params)
+    return VIRTModel(spec, cfg.model, cross_teacher(teachers, "virt"), cfg.distill.params, cfg.student)

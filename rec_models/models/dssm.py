@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rec_models.config import ModelConf
+from rec_models.layers.calibration import CALIBRATION_MOMENTUM, RunningCalibration  # noqa: F401 (re-exported)
 from rec_models.layers.embeddings import FieldEmbeddings
 from rec_models.spec import FeatureSpec
 from rec_models.layers.towers import MLP
@@ -115,3 +116,23 @@ class DSSM(nn.Module):
     def forward(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """logit [B] = s * <encode_user(batch), encode_item(batch)> + b."""
         return self.score(self.encode_user(batch), self.encode_item(batch))
+
+
+class CalibratedDSSM(RunningCalibration, DSSM):
+    """DSSM towers for the softmax objectives (``rec_models.objectives``): the stored vectors
+    are the same, the impression logit is calibrated on running statistics of <u, v>
+    (``rec_models.layers.calibration.RunningCalibration``, shared with the token students):
+
+        logit = s * (<u, v> - mu) / sigma + b + logit(pi)
+
+    mu, sigma^2 and pi are running statistics of <u, v> and of the label over the training
+    impressions (buffer ``calibration``, updated by the objective like batch norm's: a plain
+    average over the first steps, then an exponential one). A softmax is blind to any shift
+    of <u, v> common to all of a user's candidates, so the dot products drift freely, and a
+    bare s * <u, v> + b, whose two parameters Adam moves by about the learning rate per
+    step, cannot follow. The logit is affine in <u, v> with slope s / sigma > 0: it ranks
+    exactly as the stored vectors do (score kind ``dot``)."""
+
+    def __init__(self, spec: FeatureSpec, model_conf: ModelConf, embeddings: Optional[FieldEmbeddings] = None):
+        super().__init__(spec, model_conf, embeddings)
+        self.init_calibration()

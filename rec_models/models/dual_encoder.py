@@ -9,6 +9,14 @@ the towers stay independent), then are pooled into one vector:
     representation, with a learned query q per side)
     logit = s * <u, v> + b
 
+Under the retrieval objectives (``student.objective`` sampled_softmax or mixed,
+``rec_models.objectives``) the towers are trained by the in-batch softmax over <u, v> / tau
+(u, v are single unit vectors: score kind ``dot``) and the student is a
+``CalibratedTokenDualEncoder``: the same towers and stored vectors, its impression logit
+calibrated on running statistics of <u, v> (``rec_models.layers.calibration``):
+
+    logit = s * (<u, v> - mu) / sigma + b + logit(pi)
+
 ``user_states`` / ``item_states`` expose H_u, H_v so that VIRT, Distilled-DualEncoder and
 ERNIE-Search can build the "virtual" user x item attention softmax(H_u H_v^T / sqrt(D))
 that they align with a cross-encoder's attention at training time only; serving stores
@@ -25,6 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from rec_models.config import ModelConf
+from rec_models.layers.calibration import RunningCalibration
 from rec_models.layers.tokens import PublicTokens, TokenEncoder
 
 Batch = Mapping[str, torch.Tensor]
@@ -103,3 +112,14 @@ class TokenDualEncoder(nn.Module):
         """softmax over item tokens of <h_u, h_v> / sqrt(D): [B, Fu, Fi] (VIRT's virtual interaction)."""
         d = user_states.shape[-1]
         return torch.softmax(user_states @ item_states.transpose(1, 2) / math.sqrt(d), dim=-1)
+
+
+class CalibratedTokenDualEncoder(RunningCalibration, TokenDualEncoder):
+    """``TokenDualEncoder`` for the softmax objectives: same towers, same stored vectors
+    (score kind ``dot``); ``score`` is the calibrated logit s * (<u, v> - mu) / sigma + b +
+    logit(pi), state ``calibration`` (buffer), ``log_scale``, ``bias``."""
+
+    def __init__(self, spec, model_conf: ModelConf, params: Optional[dict] = None,
+                 tokens: Optional[PublicTokens] = None):
+        super().__init__(spec, model_conf, params, tokens)
+        self.init_calibration()

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from rec_models.config import ModelConf
-from rec_models.models.dssm import DSSM
+from rec_models.models.dssm import DSSM, CalibratedDSSM
 from rec_models.layers.embeddings import module_key
 from rec_models.spec import FeatureSpec, PrivilegedLeakError, Role
 
@@ -26,7 +26,7 @@ BUNDLE_FORMAT = 1
 
 # student classes a bundle may name: constructor (spec, model_conf[, params]),
 # encode_user / encode_item, and a ``score_kind`` of rec_models.serving.scoring (default "dot")
-STUDENT_CLASSES: dict[str, type[nn.Module]] = {"DSSM": DSSM}
+STUDENT_CLASSES: dict[str, type[nn.Module]] = {"DSSM": DSSM, "CalibratedDSSM": CalibratedDSSM}
 
 
 def register_student(cls: type[nn.Module]) -> type[nn.Module]:
@@ -37,14 +37,14 @@ def register_student(cls: type[nn.Module]) -> type[nn.Module]:
 
 def _register_builtin() -> None:
     from rec_models.models.colbert import ColBERT
-    from rec_models.models.dual_encoder import TokenDualEncoder
+    from rec_models.models.dual_encoder import CalibratedTokenDualEncoder, TokenDualEncoder
     from rec_models.models.inttower import IntTower
     from rec_models.models.mvke import MVKE
     from rec_models.models.youtube_dnn import YouTubeDNN
-    from rec_models.distill.endx import ENDXStudent
-    from rec_models.distill.trmd import TRMDStudent
+    from rec_models.distill.trmd import CalibratedTRMDStudent, TRMDStudent
 
-    for cls in (TokenDualEncoder, ColBERT, YouTubeDNN, IntTower, MVKE, ENDXStudent, TRMDStudent):
+    for cls in (TokenDualEncoder, CalibratedTokenDualEncoder, ColBERT, YouTubeDNN, IntTower, MVKE, TRMDStudent,
+                CalibratedTRMDStudent):
         register_student(cls)
 
 

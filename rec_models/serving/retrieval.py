@@ -12,6 +12,8 @@ from typing import Optional, Sequence, Union
 import numpy as np
 import torch
 
+from rec_models.config import check_ks
+from rec_models.metrics import ndcg_at_k, recall_at_k, recommended_mask
 from rec_models.serving.scoring import score_all
 
 _BUDGET_ELEMENTS = 1 << 27   # about 512 MiB of float32 intermediate scores
@@ -72,3 +74,51 @@ def _exclusion_pairs(exclude, n_users: int, n_items: int):
             raise ValueError(f"exclude: rows must lie in [0, {n_users}) and items in [0, {n_items})")
     order = torch.argsort(cols, stable=True)
     return rows[order], cols[order]
+
+
+def retrieval_from_arrays(users: np.ndarray, items: np.ndarray, score_kind: str, positives: np.ndarray,
+                          seen: Optional[np.ndarray], ks: Sequence[int], user_batch: int = 4096,
+                          item_chunk: int = 262_144) -> dict:
+    """Recall@K, NDCG@K (means over users with a positive) and coverage@K (distinct items in
+    all evaluated users' top-K / catalogue), by exact top-K in user batches.
+
+    ``positives`` / ``seen``: sorted distinct packed keys ``user * n_items + item`` (rows of
+    ``users`` / ``items``). ``seen`` pairs are masked out of the top-K and out of the
+    positives; ``seen=None`` ranks every item.
+    """
+    ks = check_ks(ks)
+    n_items = items.shape[0]
+    positives = np.asarray(positives, dtype=np.int64)
+    if seen is not None:
+        seen = np.asarray(seen, dtype=np.int64)
+        positives = positives[~np.isin(positives, seen, assume_unique=True)]
+    eval_users = np.unique(positives // max(1, n_items))
+    items_t = torch.from_numpy(np.ascontiguousarray(items))
+    sums = {f"{m}@{k}": 0.0 for m in ("recall", "ndcg") for k in ks}
+    covered = {k: np.zeros(n_items, dtype=bool) for k in ks}
+    for start in range(0, eval_users.size, user_batch):
+        batch = eval_users[start:start + user_batch]
+        exclude = _pairs_of(seen, batch, n_items) if seen is not None else None
+        top = top_k(torch.from_numpy(users[batch]), items_t, max(ks), item_chunk, exclude=exclude,
+                    score_kind=score_kind).numpy()
+        pos = _pairs_of(positives, batch, n_items)
+        for k in ks:   # every user of the batch has a positive: batch mean x size = batch sum
+            sums[f"recall@{k}"] += recall_at_k(top, pos, k) * batch.size
+            sums[f"ndcg@{k}"] += ndcg_at_k(top, pos, k) * batch.size
+            covered[k] |= recommended_mask(top, n_items, k)
+    n = eval_users.size
+    out = {key: (v / n if n else float("nan")) for key, v in sums.items()}
+    out.update({f"coverage@{k}": (float(covered[k].mean()) if n and n_items else float("nan")) for k in ks})
+    out.update({"users": int(n), "items": int(n_items), "positives": int(positives.size),
+                "exclude_seen": seen is not None})
+    return out
+
+
+def _pairs_of(keys: np.ndarray, users: np.ndarray, n_items: int) -> tuple[np.ndarray, np.ndarray]:
+    """(row in ``users``, item) of the packed ``keys`` belonging to the sorted ``users``."""
+    lo = np.searchsorted(keys, users * n_items)
+    hi = np.searchsorted(keys, (users + 1) * n_items)
+    counts = hi - lo
+    rows = np.repeat(np.arange(users.size), counts)
+    idx = np.arange(counts.sum()) + np.repeat(lo - (np.cumsum(counts) - counts), counts)
+    return rows, keys[idx] % n_items

@@ -137,6 +137,14 @@ class HorovodCollective:
         hvd = self._hvd
         hvd.broadcast_parameters(module.state_dict(), root_rank=0)
         hvd.broadcast_optimizer_state(optimizer, root_rank=0)
+        buffers = list(module.buffers())
+        if buffers:
+            # as DDP's broadcast_buffers: each forward starts from rank 0's buffers (e.g. a
+            # retrieval student's running calibration), so both backends train the same model
+            def sync_buffers(_module, _inputs):
+                for i, b in enumerate(buffers):
+                    hvd.broadcast_(b, root_rank=0, name=f"dtt.buffer.{i}")
+            module.register_forward_pre_hook(sync_buffers)
         return module, hvd.DistributedOptimizer(optimizer, named_parameters=list(named_parameters),
                                                 op=hvd.Average)
 

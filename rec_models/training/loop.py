@@ -31,6 +31,8 @@ from rec_models.training import distributed
 from rec_models.config import Config, ConfigError, BadInputError, InputNotFoundError, validate_config
 from rec_models.loaders.arrow import ArrowBatchLoader
 from rec_models.loaders.factory import make_train_loader
+from rec_models.objectives import uses_item_bank
+from rec_models.training.validation import RetrievalValidation, has_towers, load_item_bank
 from rec_models.metrics import auc, logloss
 from rec_models.spec import FeatureSpec
 
@@ -62,7 +64,7 @@ def build_model(kind: str, spec: FeatureSpec, cfg: Config, teacher_checkpoint: O
     if kind == "pfd" and teacher_checkpoint:
         from rec_models.distill.pfd import PFDModel
 
-        model = PFDModel(spec, cfg.model, cfg.distill, teacher_frozen=True)
+        model = PFDModel(spec, cfg.model, cfg.distill, teacher_frozen=True, student_conf=cfg.student)
         model.load_teacher(load_checkpoint(teacher_checkpoint)["model"])
         return model
     return get_method(kind).build(spec, cfg, teachers or {})
@@ -118,6 +120,11 @@ def _train(job: TrainJob, cfg: Config, spec: FeatureSpec, collective: distribute
     if len(loader) == 0:
         raise ConfigError(f"the training split has too few rows ({loader.num_rows} on rank {rank}) "
                           f"for one batch of train.batch_size={tc.batch_size}")
+    if uses_item_bank(model):
+        model.item_bank = load_item_bank(job.files["items"], spec, list(model.student.item_input_names))
+    # rank 0 selects a student's epochs by valid retrieval over the whole catalogue
+    retrieval = RetrievalValidation(job.files, spec, model.student, cfg) \
+        if rank == 0 and "items" in job.files and has_towers(model) else None
     step_module = _LossModule(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=tc.lr, weight_decay=tc.weight_decay)
@@ -166,9 +173,11 @@ def _train(job: TrainJob, cfg: Config, spec: FeatureSpec, collective: distribute
         record = {"epoch": epoch, "steps": step, **{f"train_{k}": v / max(1, len(loader)) for k, v in sums.items()}}
         if rank == 0:
             record.update({f"valid_{k}": v for k, v in evaluate(model, job.files["valid"], spec, cfg, device).items()})
+            if retrieval is not None:
+                record.update({f"valid_{k}": v for k, v in retrieval(model.student, device).items()})
             log.info("epoch %d: %s", epoch, json.dumps(record))
         history.append(record)
-        key = _selection_metric(record)   # None on ranks > 0: they do not evaluate
+        key = _selection_metric(record, cfg.eval.select_k)   # None on ranks > 0: they do not evaluate
         if key is not None and record[key] > best_auc + 1e-4:
             best_auc, best_epoch, since_best = record[key], epoch, 0
         elif key is not None:
@@ -217,9 +226,11 @@ def _train(job: TrainJob, cfg: Config, spec: FeatureSpec, collective: distribute
     return result
 
 
-def _selection_metric(record: dict) -> Optional[str]:
-    """The validation metric that selects epochs: the student's AUC, else the teacher's."""
-    return next((k for k in ("valid_student_auc", "valid_teacher_auc") if k in record), None)
+def _selection_metric(record: dict, select_k: int) -> Optional[str]:
+    """The validation metric that selects epochs: a student's Recall@select_k over the
+    catalogue (its embeddings serve retrieval), else the student's AUC, else the teacher's."""
+    return next((k for k in (f"valid_student_recall@{select_k}", "valid_student_auc", "valid_teacher_auc")
+                 if k in record), None)
 
 
 def model_columns(spec: FeatureSpec) -> list[str]:
