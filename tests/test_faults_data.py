@@ -223,6 +223,7 @@ def test_sampled_negatives_never_hit_the_users_items(spark, tmp_path):
             rows.append((u, liked[k % 6], T0 + int(rng.integers(0, 20 * DAY))))
     ev = pd.DataFrame(rows, columns=["uid", "iid", "ts"]).drop_duplicates(["uid", "iid", "ts"])
     ev["dwell"] = 10.0
+    ev["watch_seconds"] = 5.0
     tables["events"] = ev.reset_index(drop=True)
     per_positive = 3
     conf = _conf_file(tmp_path, _write(tmp_path, tables),

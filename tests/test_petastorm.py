@@ -187,7 +187,10 @@ def test_local_training_through_the_pipeline(built):
     n_train = ArrowBatchLoader(pipeline.training_files(cfg, spec)["train"], spec, ["label"], 1).total_rows
     assert result["world_size"] == 1
     assert result["steps"] == 2 * (n_train // 512)
-    assert result["test"]["teacher_auc"] > 0.6 and result["test"]["student_auc"] > 0.55, result["test"]
+    assert result["test"]["teacher_auc"] > 0.6, result["test"]
+    # the student is a retriever (student.objective): its epoch was chosen on valid Recall@50
+    selected = next(h for h in result["history"] if h["epoch"] == result["selected_epoch"])
+    assert selected["valid_student_recall@50"] > 0 and result["test"]["student_logloss"] < 0.69, selected
     assert os.path.exists(result["checkpoint"])
     assert not os.path.exists(os.path.join(out, "petastorm_cache"))   # converter.delete() ran
 
