@@ -99,6 +99,13 @@ wait_for_log() {
     local log="$DIR/logs/$name.log"
     while ((SECONDS < deadline)); do
         if [[ -z "$(live_pid "$name" "$class")" ]]; then
+            # the launching subshell has not exec'd into the daemon yet: still starting
+            local pid
+            pid=$(<"$DIR/$name.pid")
+            if [[ "$pid" =~ ^[0-9]+$ ]] && kill -0 "$pid" 2>/dev/null; then
+                sleep 0.5
+                continue
+            fi
             tail -n 30 "$log" >&2 || true
             die "$name exited during start-up (log: $log)"
         fi
