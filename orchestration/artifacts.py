@@ -10,16 +10,18 @@ training's folder, checkpoints live under the run id (``checkpoints/<run_id>/epo
 ``last.pt``); ``checkpoints/last.pt`` is the last finished run's model, and
 ``run_state.json`` names the run that trained there last and its last complete epoch.
 A job's ``run.json`` (in its method's folder) names its run id and whether it finished:
-under ``train.resume=auto`` a rerun takes over the id of an unfinished run, and each of
-its trainings continues from that run's last complete epoch.
+under ``train.resume=auto`` a rerun takes over the id of an unfinished run and continues
+from what that run completed. A training that finished records its result last, in
+``checkpoints/<run_id>/result.json``: the rerun reads it back instead of training again
+(a training that did not finish continues from its last complete epoch). The feature
+tables are complete once their spec file is written (it is written last), and the
+embeddings of a run once ``model_versions`` names that run.
 """
 from __future__ import annotations
 
 import datetime as dt
-import json
 import logging
 import os
-import tempfile
 import uuid
 from dataclasses import dataclass
 from typing import Optional
@@ -27,6 +29,7 @@ from typing import Optional
 from etl import delta_io
 from rec_models.config import Config, ConfigError, BadInputError, InputNotFoundError
 from rec_models.spec import FeatureSpec
+from rec_models.state_files import read_json_object, write_json_atomic
 
 FEATURE_TABLES = ("user_features", "item_features", "samples")
 
@@ -114,36 +117,62 @@ def start_run(cfg: Config, folder: str) -> str:
     complete epoch), else a new one, recorded as started."""
     path = os.path.join(folder, RUN_FILE)
     if cfg.train.resume == "auto":
-        try:
-            with open(path) as fh:
-                state = json.load(fh)
-        except FileNotFoundError:
-            state = None
-        except (OSError, ValueError) as exc:
-            logging.getLogger(__name__).warning("ignoring the unreadable run file %s: %s", path, exc)
-            state = None
-        if isinstance(state, dict) and state.get("run_id") and not state.get("finished"):
+        state = read_json_object(path, "run file")
+        if state and state.get("run_id") and not state.get("finished"):
             logging.getLogger(__name__).info("train.resume=auto: continuing the unfinished run %s (%s)",
                                              state["run_id"], path)
             return str(state["run_id"])
     run_id = new_run_id()
-    _write_json(path, {"run_id": run_id, "finished": False,
+    write_json_atomic(path, {"run_id": run_id, "finished": False,
                        "started_at": dt.datetime.now(dt.timezone.utc).isoformat()})
     return run_id
 
 
 def finish_run(folder: str, run_id: str) -> None:
     """Record the run of ``folder`` as finished: a later ``train.resume=auto`` starts anew."""
-    _write_json(os.path.join(folder, RUN_FILE), {"run_id": run_id, "finished": True,
+    write_json_atomic(os.path.join(folder, RUN_FILE), {"run_id": run_id, "finished": True,
                                                   "finished_at": dt.datetime.now(dt.timezone.utc).isoformat()})
 
 
-def _write_json(path: str, payload: dict) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(payload, fh, indent=2)
-    os.replace(tmp, path)
+TRAINING_RECORD = "result.json"
+
+
+def training_record_path(out_dir: str, run_id: str) -> str:
+    """Where run ``run_id`` records its finished training in ``out_dir``: beside its checkpoints."""
+    return os.path.join(out_dir, "checkpoints", run_id, TRAINING_RECORD)
+
+
+def record_training(out_dir: str, run_id: str, fingerprint: str, result: dict) -> None:
+    """Record the finished training of run ``run_id`` in ``out_dir`` with its result, written
+    last (after its checkpoints, metrics and tracking): a rerun of the run under
+    ``train.resume=auto`` reads it back instead of training again."""
+    write_json_atomic(training_record_path(out_dir, run_id),
+                {"run_id": run_id, "fingerprint": fingerprint, "result": result,
+                 "finished_at": dt.datetime.now(dt.timezone.utc).isoformat()})
+
+
+def recorded_training(out_dir: str, run_id: str, fingerprint: str) -> Optional[dict]:
+    """The result of run ``run_id``'s finished training in ``out_dir``; None when there is no
+    record, or it was trained with another conf, spec or teachers (``fingerprint``), or its
+    checkpoint is gone: the training then runs (and continues from its last epoch)."""
+    path = training_record_path(out_dir, run_id)
+    log = logging.getLogger(__name__)
+    record = read_json_object(path, "training record")
+    if record is None:
+        return None
+    result = record.get("result")
+    if not isinstance(result, dict) or record.get("run_id") != run_id:
+        log.warning("ignoring the training record %s: not a result of run %s", path, run_id)
+        return None
+    if record.get("fingerprint") != fingerprint:
+        log.info("train.resume=auto: the training recorded in %s had another conf, spec or teachers: "
+                 "training again", path)
+        return None
+    if not os.path.isfile(str(result.get("checkpoint"))):
+        log.warning("train.resume=auto: %s names the checkpoint %s, which is gone: training again", path,
+                    result.get("checkpoint"))
+        return None
+    return result
 
 
 def features_ready(cfg: Config) -> bool:

@@ -35,6 +35,7 @@ import pyarrow.parquet as pq
 
 from etl import delta_io
 from rec_models.config import BadInputError, Config, InputNotFoundError
+from rec_models.state_files import write_json_atomic
 from rec_models.serving.retrieval import retrieval_from_arrays  # noqa: F401  (re-exported: baselines, tests)
 
 log = logging.getLogger(__name__)
@@ -124,7 +125,7 @@ def evaluate_model(cfg: Config, checkpoint: Optional[str] = None, spark=None) ->
     result["report"] = report
     os.makedirs(out_dir, exist_ok=True)
     result["json"] = os.path.join(out_dir, "evaluation.json")
-    _write_json_atomic(result["json"], result)
+    write_json_atomic(result["json"], result, default=str)
     return result
 
 
@@ -173,13 +174,6 @@ def _history(checkpoint: str) -> list[dict]:
         return []
     with open(path) as fh:
         return json.load(fh).get("history", [])
-
-
-def _write_json_atomic(path: str, obj: dict) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as fh:
-        json.dump(obj, fh, indent=2, default=str)
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------- pointwise metrics

@@ -13,8 +13,9 @@ import os
 from typing import Optional
 
 from etl import delta_io
-from orchestration.artifacts import (FEATURE_TABLES, ModelTag, features_ready, finish_run, load_spec, new_run_id,
-                                     pinned_version, run_dir, start_run, training_files)
+from orchestration.artifacts import (FEATURE_TABLES, EmbeddingsNotCommitted, ModelTag, committed_embeddings,
+                                     features_ready, finish_run, load_spec, new_run_id, pinned_version,
+                                     record_training, recorded_training, run_dir, start_run, training_files)
 from rec_models.config import BadInputError, Config, ConfigError, InputNotFoundError, parse_params
 from rec_models.spec import FeatureSpec
 
@@ -22,7 +23,7 @@ log = logging.getLogger(__name__)
 __all__ = ["FEATURE_TABLES", "ModelTag", "check_training_env", "ensure_features", "ensure_teachers",
            "export_student_of", "features_ready", "finish_run", "head_metrics", "load_spec", "new_run_id", "pinned_version",
            "retrieval_metrics", "run_dir", "run_method", "start_run", "train", "training_files", "validate_params", "write_embeddings",
-           "check_embedding_inputs"]
+           "check_embedding_inputs", "embeddings_committed"]
 
 
 def ensure_features(spark, cfg: Config, rebuild: bool = False) -> FeatureSpec:
@@ -37,8 +38,10 @@ def ensure_features(spark, cfg: Config, rebuild: bool = False) -> FeatureSpec:
 
 def train(cfg: Config, spec: FeatureSpec, kind: str, out_dir: str, run_id: str,
           teacher_checkpoint: Optional[str] = None, teachers: Optional[dict[str, str]] = None) -> dict:
+    """Train ``kind`` in ``out_dir`` as part of run ``run_id``; under ``train.resume=auto`` a
+    training this run finished before (same conf, spec and teachers) is read back, not redone."""
     from orchestration.spark_training.launchers import run_training
-    from rec_models.training.loop import TrainJob
+    from rec_models.training.loop import TrainJob, run_fingerprint
 
     check_training_env(cfg)
     os.makedirs(out_dir, exist_ok=True)
@@ -46,6 +49,13 @@ def train(cfg: Config, spec: FeatureSpec, kind: str, out_dir: str, run_id: str,
                    files=training_files(cfg, spec), out_dir=out_dir, teacher_checkpoint=teacher_checkpoint,
                    teachers=dict(teachers or {}),
                    tags={"run_id": run_id, "name": cfg.run.name, "version": cfg.run.version})
+    fingerprint = run_fingerprint(job)
+    if cfg.train.resume == "auto":
+        done = recorded_training(out_dir, run_id, fingerprint)
+        if done is not None:
+            log.info("train.resume=auto: %s of run %s finished before (%s): not trained again", kind, run_id,
+                     done["checkpoint"])
+            return done
     log.info("training %s with backend %s, loader %s", kind, cfg.train.backend, cfg.train.loader)
     if cfg.train.loader == "petastorm":
         from orchestration.spark_training.petastorm_converter import petastorm_job
@@ -57,6 +67,7 @@ def train(cfg: Config, spec: FeatureSpec, kind: str, out_dir: str, run_id: str,
     from orchestration import tracking
 
     tracking.current().log_training(kind, result, dtt_run_id=run_id)   # per-epoch and test metrics
+    record_training(out_dir, run_id, fingerprint, result)   # last: the training is complete
     return result
 
 
@@ -175,9 +186,17 @@ def _run_method(spark, cfg: Config, method: str) -> dict:
            "world_size": result["world_size"], "ranks": result.get("ranks", [])}
     out["warnings"] = warnings
     if "student" in heads:
-        bundle = export_student_of(result["checkpoint"], run_dir(cfg, "student.pt"), tag)
-        links = tracker.log_student(bundle, cfg, tag.run_id)   # registered first: the tables record its version
-        out["tables"].update(write_embeddings(spark, cfg, bundle, tag, links))
+        bundle = run_dir(cfg, "student.pt")
+        if cfg.train.resume == "auto" and os.path.isfile(bundle) and embeddings_committed(cfg, tag):
+            log.info("train.resume=auto: the embeddings of run %s are committed: not exported or written again",
+                     tag.run_id)
+            tracker.recorded_links(tag.run_id)   # the registered model, for the catalogue's table properties
+            out["tables"].update({t: cfg.warehouse.uri(t)
+                                  for t in ("user_embeddings", "item_embeddings", "model_versions")})
+        else:
+            bundle = export_student_of(result["checkpoint"], bundle, tag)
+            links = tracker.log_student(bundle, cfg, tag.run_id)   # registered first: the tables record its version
+            out["tables"].update(write_embeddings(spark, cfg, bundle, tag, links))
         out["bundle"] = bundle
         metrics["student_retrieval"] = retrieval_metrics(cfg, tag)
     if cfg.eval.baselines:   # most popular, ALS, BPR on the same split and metric code
@@ -191,6 +210,14 @@ def _run_method(spark, cfg: Config, method: str) -> dict:
         out["mlflow"] = {"run_id": tracker.run_id, **tracker.links(), "ui": tracking.ui_command(cfg)}
     finish_run(run_dir(cfg, method), tag.run_id)
     return out
+
+
+def embeddings_committed(cfg: Config, tag: ModelTag) -> bool:
+    """Whether ``model_versions`` commits run ``tag.run_id``'s embeddings for its model version."""
+    try:
+        return committed_embeddings(cfg, tag.name, tag.version).run_id == tag.run_id
+    except EmbeddingsNotCommitted:
+        return False
 
 
 def export_student_of(checkpoint: str, path: str, tag: ModelTag) -> str:

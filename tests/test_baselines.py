@@ -3,6 +3,8 @@ against a brute-force reference, ALS and BPR on planted low-rank clicks, tuning 
 train and valid only, and the orchestration function on a tiny warehouse built by the ETL."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -131,6 +133,11 @@ def test_the_refit_uses_train_and_valid_and_is_reproducible():
     users, items = fit_factors("als", both, setting, seed=3)
     np.testing.assert_array_equal(fit.users, users)   # same seed, same data: the same model
     np.testing.assert_array_equal(fit.items, items)
+    # the chosen setting's train-only fit is kept: the students' training clicks, nothing of valid
+    train_users, train_items = fit_factors("als", interaction_matrix(splits["train"], n_users, n_items), setting, seed=3)
+    np.testing.assert_array_equal(fit.train_users, train_users)
+    np.testing.assert_array_equal(fit.train_items, train_items)
+    assert not np.array_equal(fit.train_items, fit.items)
     again = fit_factors("bpr", both, MFSetting(factors=8, iterations=10), seed=3, num_threads=1)
     np.testing.assert_array_equal(again[1], fit_factors("bpr", both, MFSetting(factors=8, iterations=10),
                                                         seed=3, num_threads=1)[1])
@@ -187,7 +194,7 @@ def test_retrieval_baselines_on_the_warehouse_score_like_the_students(tiny_wareh
 
     monkeypatch.setattr(ob, "retrieval_from_arrays", spy)
     out = ob.retrieval_baselines(cfg)
-    assert list(out) == ["most_popular", "als", "bpr"]
+    assert list(out) == ["most_popular", "als", "als_train", "bpr", "bpr_train"]
 
     # the students' keys: retrieval_from_tables over (random) vectors of the same entities
     spec = load_spec(cfg)
@@ -206,6 +213,7 @@ def test_retrieval_baselines_on_the_warehouse_score_like_the_students(tiny_wareh
         assert metrics["recall@50"] >= metrics["recall@10"] >= metrics["recall@5"]
     for name in ("als", "bpr"):
         assert out[name]["chosen"] in out[name]["grid"] and len(out[name]["grid"]) == len(GRIDS[name])
+        assert out[f"{name}_train"]["chosen"] == out[name]["chosen"]   # the same setting, fit on train only
 
     # choices were made on valid (Recall@50, train excluded); test was scored once per model
     label = cfg.spec.label.name
@@ -213,7 +221,7 @@ def test_retrieval_baselines_on_the_warehouse_score_like_the_students(tiny_wareh
     test = positive_pairs(split_files(cfg, "test", version), label, ids["user"], ids["item"])
     tuning = [c for c in calls if c[1] == [ob.SELECT_K]]
     scoring = [c for c in calls if c[1] == cfg.eval.k]
-    assert len(tuning) == len(GRIDS["als"]) + len(GRIDS["bpr"]) and len(scoring) == 3
+    assert len(tuning) == len(GRIDS["als"]) + len(GRIDS["bpr"]) and len(scoring) == 5
     assert all(np.array_equal(p, valid) for p, _ in tuning)
     assert all(np.array_equal(p, test) for p, _ in scoring)
 
@@ -246,12 +254,12 @@ def test_compare_methods_prints_the_baselines_as_rows_per_seed(tiny_warehouse, m
     for seed in (1, 2):
         seed_rows, _ = cm.run_seed(None, None, ["dssm"], [*overrides, f"run.seed={seed}"])
         rows += [{**r, "seed": seed} for r in seed_rows]
-    assert [r["method"] for r in rows] == ["dssm", "most_popular", "als", "bpr"] * 2
+    assert [r["method"] for r in rows] == ["dssm", *cm.BASELINES] * 2
     assert all(not c.eval.baselines for c in seen_cfgs)   # not recomputed inside every method's run
-    for r in rows[1:4]:
+    for r in rows[1:6]:
         assert r["role"] == "reference" and {"recall@10", "ndcg@50"} <= set(r) and "student_auc" not in r
     summary = cm.summarise(rows, ["dssm", *cm.BASELINES])
-    assert [s["method"] for s in summary] == ["dssm", "most_popular", "als", "bpr"]
+    assert [s["method"] for s in summary] == ["dssm", "most_popular", "als", "als_train", "bpr", "bpr_train"]
     assert all(s["seeds"] == 2 for s in summary)
     table = cm.markdown({"dataset": "synthetic", "seeds": [1, 2], "teachers": {"cross_encoder": [0.7, 0.7]},
                          "summary": summary, "machine": "2 cores", "epochs": 1})
@@ -263,4 +271,53 @@ def test_compare_methods_prints_the_baselines_as_rows_per_seed(tiny_warehouse, m
     assert als["recall@10"] != "-"
     dssm = dict(zip(header, (c.strip() for c in next(line for line in lines if line.startswith("| dssm |"))
                              .strip("|").split("|"))))
-    assert dssm["valid Recall@50"].startswith("0.2000") and dssm["objective"] == "sampled_softmax"
+    assert dssm["valid Recall@50"].startswith("0.2000") and dssm["objective"] == "mixed"
+
+
+def test_the_best_student_is_compared_with_als_on_its_own_clicks_and_refit():
+    """compare_methods' 1.1x goal line: against the better of most-popular and ALS fit on the
+    students' training clicks, and against ALS refit on train + valid."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "compare_methods.py"
+    spec = importlib.util.spec_from_file_location("compare_methods_ratio", path)
+    cm = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cm)
+    summary = [{"method": "dssm", "role": "baseline", "recall@50": 0.30},
+               {"method": "pfd", "role": "distill", "recall@50": 0.33},
+               {"method": "most_popular", "role": "reference", "recall@50": 0.20},
+               {"method": "als", "role": "reference", "recall@50": 0.36},
+               {"method": "als_train", "role": "reference", "recall@50": 0.30}]
+    a = cm.against_baselines(summary)
+    assert a["same_data"]["best_student"] == "pfd" and a["same_data"]["reference"] == "als_train"
+    assert a["same_data"]["ratio"] == pytest.approx(1.1) and a["refit"]["ratio"] == pytest.approx(0.33 / 0.36)
+    text = cm.markdown({"dataset": "d", "seeds": [1], "teachers": {}, "summary": [], "machine": "m", "epochs": 1,
+                        "against_baselines": a})
+    assert "1.10x the better reference fit on the same training clicks (als_train 0.3000)" in text
+    assert "0.92x the better reference refit on train + valid (als 0.3600)" in text
+
+
+def test_tune_student_ranks_candidates_by_their_valid_recall(tiny_warehouse, tmp_path, capsys):
+    """benchmarks/tune_student.py: one run per seed and candidate, each read at its selected
+    epoch's valid Recall@select_k, the table ordered best first."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "tune_student.py"
+    spec = importlib.util.spec_from_file_location("tune_student_under_test", path)
+    ts = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ts)
+    _, overrides = tiny_warehouse
+    out = tmp_path / "tune"
+    argv = ["--method", "dssm", "--seeds", "1", "--out", str(out), "--try", "", "--try", "student.objective=pointwise",
+            *[a for o in [*overrides, "train.epochs=2", "train.batch_size=256"] for a in ("--set", o)]]
+    assert ts.main(argv) == 0
+    runs = json.loads(out.with_suffix(".json").read_text())
+    assert [r["overrides"] for r in runs] == [[], ["student.objective=pointwise"]]
+    for r in runs:
+        assert r["metric"] == "valid_student_recall@50" and len(r["curve"]) == 2
+        assert r["valid"] == r["curve"][r["epoch"]] == max(r["curve"])   # epochs count from 0 and 0.0 <= r["valid"] <= 1.0
+    table = out.with_suffix(".md").read_text().splitlines()
+    means = [float(line.split("|")[2]) for line in table if line.startswith("| `")]
+    assert len(means) == 2 and means == sorted(means, reverse=True)

@@ -15,7 +15,8 @@ What a cluster has and ``local[2]`` does not, and what is checked here:
 - faults: a rank's exception on an executor reaches the driver as itself with its
   traceback; a rank's process killed mid-training fails the job in bounded time naming
   the rank, and ``train.resume=auto`` finishes the run; a worker JVM killed during the
-  embedding write leaves the Delta tables as a clean run's.
+  embedding write, or during the feature build (ETL), leaves the Delta tables as a clean
+  run's (Spark reruns the lost tasks and the lost shuffle output they need).
 
 Data: the synthetic set at its smallest (200 users, 100 items, 6,000 events), so the lane
 is mostly JVM and torch start-up: 15 minutes on this project's 2-core machine while other
@@ -552,6 +553,23 @@ def _active_write_stage(ui: str):
                  and s.get("numActiveTasks", 0) > 0), None)
 
 
+def _kill_a_worker_when(proc, found, what: str) -> tuple[int, str, float]:
+    """Once ``found()`` gives (stage, worker pid file), SIGKILL that worker's JVM; then wait
+    for the job ``proc``: (its exit code, the stage, seconds from the kill to the exit).
+    The cluster is started again whatever happened, for the tests after this one."""
+    try:
+        stage, pidfile = _wait_for(found, 600, what, proc, poll=0.05)
+        os.kill(int(pidfile.read_text()), signal.SIGKILL)
+        killed_at = time.monotonic()
+        code = proc.wait(timeout=300)
+        return code, stage, time.monotonic() - killed_at
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        subprocess.run([str(CLUSTER_SCRIPT), "start"], check=True, env={**os.environ, "DTT_CLUSTER_DIR": str(CLUSTER_DIR)})
+
+
 def _files_outside_the_log(table: Path, version: str) -> set[str]:
     from etl import delta_io
 
@@ -575,19 +593,10 @@ def test_a_worker_lost_during_the_embedding_write_leaves_a_clean_table(cluster_r
     worker_pid = int(worker.read_text())
     proc = _background(work, master, "write_embeddings.py", ["run.version=lost"], [ui_conf],
                        ("--bundle", runs["td"]["bundle"], "--json-out", str(out)), log)
-    try:
-        stage = _wait_for(lambda: _active_write_stage(f"http://127.0.0.1:{port}"), 600,
-                          "the embedding write's tasks", proc, poll=0.05)
-        os.kill(worker_pid, signal.SIGKILL)
-        killed_at = time.monotonic()
-        code = proc.wait(timeout=300)
-        print(f"killed worker-2 (pid {worker_pid}) during '{stage}': the job exited {code} "
-              f"{time.monotonic() - killed_at:.1f} s later")
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        subprocess.run([str(CLUSTER_SCRIPT), "start"], check=True, env={**os.environ, "DTT_CLUSTER_DIR": str(CLUSTER_DIR)})
+    code, stage, to_end = _kill_a_worker_when(
+        proc, lambda: (stage := _active_write_stage(f"http://127.0.0.1:{port}")) and (stage, worker),
+        "the embedding write's tasks")
+    print(f"killed worker-2 (pid {worker_pid}) during '{stage}': the job exited {code} {to_end:.1f} s later")
     logs = log.read_text()
     assert code == 0, logs[-4000:]
     assert re.search(r"Lost executor|ExecutorLostFailure|Executor lost", logs), logs[-4000:]
@@ -596,3 +605,125 @@ def test_a_worker_lost_during_the_embedding_write_leaves_a_clean_table(cluster_r
     _assert_same_tables(work, "lost", "td", atol=0)
     for side in ("user", "item"):
         assert not _files_outside_the_log(work / "wh" / f"{side}_embeddings", "lost")
+
+
+def _app_id(ui: str):
+    try:
+        with urllib.request.urlopen(f"{ui}/api/v1/applications", timeout=2) as r:
+            return json.load(r)[0]["id"]
+    except (OSError, ValueError, IndexError, KeyError):
+        return None
+
+
+def _write_task_on_a_worker(ui: str):
+    """(stage name, worker pid file) while a delta_io write stage of the job has a task
+    running on an executor of this cluster: the worker whose work dir holds that executor
+    (``worker-<i>/work/<app>/<executor>``), from the driver's REST API."""
+    app = _app_id(ui)
+    if app is None:
+        return None
+    try:
+        with urllib.request.urlopen(f"{ui}/api/v1/applications/{app}/stages?status=active", timeout=2) as r:
+            stages = [s for s in json.load(r) if "delta_io.py" in s["name"] and s["name"].startswith("collect")
+                      and s.get("numActiveTasks", 0) > 0]
+        for s in stages:
+            url = f"{ui}/api/v1/applications/{app}/stages/{s['stageId']}/{s['attemptId']}/taskList?length=200"
+            with urllib.request.urlopen(url, timeout=2) as r:
+                running = [t["executorId"] for t in json.load(r) if t.get("status") == "RUNNING"]
+            for executor in running:
+                for folder in CLUSTER_DIR.glob(f"worker-*/work/{app}/{executor}"):
+                    return s["name"], CLUSTER_DIR / f"{folder.parents[2].name}.pid"
+    except (OSError, ValueError, KeyError):
+        return None
+    return None
+
+
+def _assert_same_feature_tables(clean: Path, built: Path):
+    """The three feature tables of two builds hold the same rows (as multisets: sorted on
+    every column; floats to float32 rounding), and the spec files agree; every table's data
+    files are the ones its Delta log names."""
+    import pyarrow.types as pat
+
+    from etl import delta_io
+    from rec_models.spec import FeatureSpec
+
+    for table in ("user_features", "item_features", "samples"):
+        frames = []
+        for wh in (clean, built):
+            t = delta_io.read_arrow(str(wh / table))
+            floats = [f.name for f in t.schema if pat.is_floating(f.type)]
+            df = t.to_pandas()
+            for c in df.columns:
+                if df[c].dtype == object and len(df) and not isinstance(df[c].iloc[0], str):
+                    df[c] = df[c].map(tuple)   # list columns: sortable, comparable
+            others = [c for c in df.columns if c not in floats]
+            frames.append((df.sort_values(others + floats, kind="stable").reset_index(drop=True), others, floats))
+        (a, others, floats), (b, _, _) = frames
+        assert len(a) == len(b) > 0, (table, len(a), len(b))
+        assert a[others].equals(b[others]), table
+        for c in floats:
+            np.testing.assert_allclose(b[c].to_numpy(), a[c].to_numpy(), rtol=1e-6, atol=1e-7, err_msg=f"{table}.{c}")
+        on_disk = {str(p) for p in (built / table).rglob("*.parquet") if "_delta_log" not in p.parts}
+        logged = {p.removeprefix("file://") for p in delta_io.snapshot_files(str(built / table))}
+        assert on_disk == logged, (table, sorted(on_disk - logged), sorted(logged - on_disk))
+    sa = json.loads(FeatureSpec.load(str(clean / "feature_spec.json")).to_json())
+    sb = json.loads(FeatureSpec.load(str(built / "feature_spec.json")).to_json())
+    _approx_tree(sb, sa)
+
+
+def _approx_tree(got, want, path="spec") -> None:
+    if isinstance(want, dict):
+        assert isinstance(got, dict) and got.keys() == want.keys(), path
+        for k in want:
+            _approx_tree(got[k], want[k], f"{path}.{k}")
+    elif isinstance(want, list):
+        assert isinstance(got, list) and len(got) == len(want), path
+        for i, (g, w) in enumerate(zip(got, want)):
+            _approx_tree(g, w, f"{path}[{i}]")
+    elif isinstance(want, float):
+        assert got == pytest.approx(want, rel=1e-9, abs=1e-12), (path, got, want)
+    else:
+        assert got == want, (path, got, want)
+
+
+@cluster
+def test_a_worker_lost_during_the_feature_build_leaves_clean_tables(master, tmp_path_factory):
+    """Kill the worker JVM (its executor exits with it) that runs one of the feature
+    build's write tasks: Spark reruns the lost tasks, and what they need of the dead
+    executor's cached rows and shuffle output, on the other executor; the tables equal a
+    clean build's, with no data file their log does not name."""
+    clean = _workdir(tmp_path_factory, "etl_clean")
+    code, _, logs, seconds = _submit(clean, master, "build_features.py")
+    assert code == 0, logs[-4000:]
+    work = _workdir(tmp_path_factory, "etl_lost")
+    port = _free_port()
+    (work / "ui.yaml").write_text(f"spark:\n  conf:\n    spark.ui.enabled: true\n    spark.ui.port: {port}\n")
+    # the scheduler's task attempts in the driver log (INFO): the retry shows as attempt .1
+    log4j = work / "log4j2.properties"
+    log4j.write_text((ROOT / "conf" / "log4j2.properties").read_text()
+                     + "\nlogger.tsm.name = org.apache.spark.scheduler.TaskSetManager\nlogger.tsm.level = info\n")
+    cmd = [a.replace(str(ROOT / "conf" / "log4j2.properties"), str(log4j))
+           for a in _command(master, "build_features.py", SMALL, [work / "spark.yaml", work / "ui.yaml"],
+                             ("--json-out", str(work / "lost.json")))]
+    log = work / "lost.log"
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(cmd, cwd=work, stdout=fh, stderr=subprocess.STDOUT, env=_env())
+    code, stage, to_end = _kill_a_worker_when(proc, lambda: _write_task_on_a_worker(f"http://127.0.0.1:{port}"),
+                                              "a write task of the feature build on an executor")
+    print(f"killed a worker during '{stage}' of the feature build: the job exited {code} {to_end:.1f} s later "
+          f"(the clean build took {seconds:.0f} s end to end)")
+    logs = log.read_text()
+    assert code == 0, logs[-4000:]
+    assert re.search(r"Lost executor|ExecutorLostFailure|Executor lost", logs), logs[-4000:]
+    # a task lost with the executor (Spark 4 logs it at INFO, not as "Lost task"), and a
+    # later attempt of that stage's tasks (task attempt .1, or the stage's attempt .1)
+    lost = set(re.findall(r"task \d+\.\d+ in stage (\d+)\.\d+ \(TID \d+\) failed because while it was being "
+                          r"computed, its executor exited", logs))
+    lost |= set(re.findall(r"Lost task \d+\.\d+ in stage (\d+)\.\d+ \(TID \d+\) \([^)]*\): ExecutorLostFailure", logs))
+    assert lost, f"no task was lost with the executor:\n{logs[-4000:]}"
+    retried = [s for s in lost if re.search(rf"Starting task \d+\.[1-9]\d* in stage {s}\.\d+ "
+                                            rf"|Starting task \d+\.\d+ in stage {s}\.[1-9]\d* ", logs)]
+    assert retried, f"no later attempt of stage(s) {sorted(lost)} that lost a task:\n{logs[-4000:]}"
+    print(f"stage(s) {sorted(lost)} lost a task with the executor; Spark ran them again: {sorted(retried)}")
+    assert json.loads((work / "lost.json").read_text())["job"] == "build_features"
+    _assert_same_feature_tables(clean / "wh", work / "wh")

@@ -28,7 +28,7 @@ def test_default_config_loads_synthetic_pfd_local():
     assert cfg.train.epochs == 8   # the synthetic dataset's own (base: 3)
     assert cfg.train.lr == pytest.approx(0.003)
     assert cfg.train.restore_best_epoch is True
-    assert cfg.student.objective == "sampled_softmax" and cfg.student.temperature == pytest.approx(0.02)
+    assert cfg.student.objective == "mixed" and cfg.student.temperature == pytest.approx(0.02)
     assert cfg.eval.k == [10, 50, 100] and cfg.eval.select_k == 50
     assert cfg.warehouse.writer == "auto"
 

@@ -353,7 +353,7 @@ def test_without_resume_a_rerun_starts_a_new_run_and_never_mixes_checkpoints(uni
     ckpts = folder / "checkpoints"
     assert sorted(p.name for p in (ckpts / killed_id).iterdir()) == ["epoch_0.pt"]
     assert sorted(p.name for p in (ckpts / finished_id).iterdir()) == ["epoch_0.pt", "epoch_1.pt", "last.pt",
-                                                                       "metrics.json"]
+                                                                       "metrics.json", "result.json"]
     for path in (ckpts / finished_id).glob("*.pt"):
         assert loop.load_checkpoint(str(path))["tags"]["run_id"] == finished_id
     assert loop.load_checkpoint(str(ckpts / "last.pt"))["tags"]["run_id"] == finished_id

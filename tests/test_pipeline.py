@@ -110,7 +110,7 @@ def test_the_job_result_carries_the_retrieval_baselines_on_the_same_test_set(pfd
     its metric keys and over the same test users and clicks."""
     _, result = pfd_run
     student, baselines = result["metrics"]["student_retrieval"], result["metrics"]["retrieval_baselines"]
-    assert set(baselines) == {"most_popular", "als", "bpr"}
+    assert set(baselines) == {"most_popular", "als", "als_train", "bpr", "bpr_train"}
     for name, b in baselines.items():
         assert {k for k in student if "@" in k} <= set(b), name
         assert b["users"] == student["users"] and b["positives"] == student["positives"], (name, b, student)

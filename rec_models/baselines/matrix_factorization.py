@@ -7,8 +7,10 @@
 
 Protocol (``tune_and_refit``): each setting of a small grid is fit on the train clicks and
 scored by the caller's ``evaluate`` on the valid clicks, train pairs excluded; the best
-valid Recall@K (K=50 by default; first setting on ties) is refit on train + valid. The test
-split never reaches this module: the caller scores the refit factors on it. Seeded
+valid Recall@K (K=50 by default; first setting on ties) is refit on train + valid. The
+chosen setting's train-only factors are kept too: they saw the same clicks as the students,
+which train on train and only select their epoch on valid. The test split never reaches this
+module: the caller scores both on it. Seeded
 (``random_state``); ALS is the same for any thread count, BPR (Hogwild SGD) only with one
 thread.
 """
@@ -54,7 +56,8 @@ GRIDS: dict[str, tuple[MFSetting, ...]] = {
 
 @dataclass
 class MFFit:
-    """The refit model's factors (score = users @ items.T) and how they were chosen."""
+    """The refit model's factors (score = users @ items.T), the chosen setting's train-only
+    factors, and how they were chosen."""
     kind: str
     users: np.ndarray        # [U, d] float32
     items: np.ndarray        # [I, d] float32
@@ -62,6 +65,8 @@ class MFFit:
     grid: list[dict] = field(default_factory=list)   # every setting's params + valid score
     tune_seconds: float = 0.0
     fit_seconds: float = 0.0
+    train_users: Optional[np.ndarray] = None   # the chosen setting fit on train only
+    train_items: Optional[np.ndarray] = None
 
 
 def interaction_matrix(click_keys: np.ndarray, n_users: int, n_items: int):
@@ -130,18 +135,20 @@ def tune_and_refit(kind: str, train_keys: np.ndarray, valid_keys: np.ndarray, n_
         raise BadInputError(f"{kind}: the train split has no click to fit on")
     valid_pos = np.unique(np.asarray(valid_keys, dtype=np.int64))
     seen = np.unique(train_keys)
-    started, scored = time.perf_counter(), []
-    for setting in grid:
+    started, scored, kept = time.perf_counter(), [], None
+    for i, setting in enumerate(grid):
         users, items = fit_factors(kind, train, setting, seed, num_threads)
         scored.append({**setting.params(kind), score_name: float(evaluate(users, items, valid_pos, seen))})
-    finite = [i for i, s in enumerate(scored) if np.isfinite(s[score_name])]
-    if not finite:
+        if np.isfinite(scored[-1][score_name]) and (kept is None or scored[-1][score_name] > scored[kept[0]][score_name]):
+            kept = (i, users, items)   # the best so far (first of equals): one model in memory
+    if kept is None:
         raise BadInputError(f"{kind}: no valid click of a user outside the train pairs, nothing to choose "
                             "the setting on: the valid split is empty or repeats train")
-    best = max(finite, key=lambda i: (scored[i][score_name], -i))   # first of equals
+    best = kept[0]
     tune_seconds = time.perf_counter() - started
     started = time.perf_counter()
     both = interaction_matrix(np.concatenate([train_keys, np.asarray(valid_keys, dtype=np.int64)]),
                               n_users, n_items)
     users, items = fit_factors(kind, both, grid[best], seed, num_threads)
-    return MFFit(kind, users, items, dict(scored[best]), scored, tune_seconds, time.perf_counter() - started)
+    return MFFit(kind, users, items, dict(scored[best]), scored, tune_seconds, time.perf_counter() - started,
+                 train_users=kept[1], train_items=kept[2])

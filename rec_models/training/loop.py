@@ -32,6 +32,7 @@ from rec_models.config import Config, ConfigError, BadInputError, InputNotFoundE
 from rec_models.loaders.arrow import ArrowBatchLoader
 from rec_models.loaders.factory import make_train_loader
 from rec_models.objectives import uses_item_bank
+from rec_models.state_files import read_json_object, write_json_atomic
 from rec_models.training.validation import RetrievalValidation, has_towers, load_item_bank
 from rec_models.metrics import auc, logloss
 from rec_models.spec import FeatureSpec
@@ -333,25 +334,12 @@ def run_fingerprint(job: TrainJob) -> str:
 
 def read_run_state(out_dir: str) -> Optional[dict]:
     """The run state of ``out_dir`` (None when there is none or it is unreadable)."""
-    path = os.path.join(out_dir, RUN_STATE)
-    try:
-        with open(path) as fh:
-            state = json.load(fh)
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as exc:
-        log.warning("ignoring the unreadable run state %s: %s", path, exc)
-        return None
-    return state if isinstance(state, dict) else None
+    return read_json_object(os.path.join(out_dir, RUN_STATE), "run state")
 
 
 def write_run_state(out_dir: str, state: dict) -> None:
     """Atomically: which run last trained in ``out_dir``, its last complete epoch, whether it finished."""
-    os.makedirs(out_dir, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out_dir, suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(state, fh, indent=2)
-    os.replace(tmp, os.path.join(out_dir, RUN_STATE))
+    write_json_atomic(os.path.join(out_dir, RUN_STATE), state)
 
 
 def resume_point(job: TrainJob, fingerprint: str) -> Optional[str]:
