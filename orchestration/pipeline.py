@@ -167,8 +167,11 @@ def _run_method(spark, cfg: Config, method: str) -> dict:
     heads = sorted(k[:-len("_auc")] for k in result["test"] if k.endswith("_auc"))
     metrics = {head: head_metrics(result["test"], head) for head in heads}
     if cfg.distill.train_baseline and get_method(method).role == "distill":
-        base = train(cfg, spec, "dssm", run_dir(cfg, "baseline"), tag.run_id)
-        metrics["baseline"] = head_metrics(base["test"], "student")
+        # each method's own undistilled student (DSSM for PFD/KD/ENDX, the token towers for
+        # VIRT, DDE, ERNIE-Search, TRMD): like for like, only the teacher is missing
+        undistilled = get_method(method).undistilled or "dssm"
+        base = train(undistilled_config(cfg, method), spec, undistilled, run_dir(cfg, "baseline"), tag.run_id)
+        metrics["baseline"] = {**head_metrics(base["test"], "student"), "method": undistilled}
         # the same towers and objective without a teacher: what distillation adds to retrieval
         from orchestration.evaluation import retrieval_of_checkpoint
 
@@ -210,6 +213,17 @@ def _run_method(spark, cfg: Config, method: str) -> dict:
         out["mlflow"] = {"run_id": tracker.run_id, **tracker.links(), "ui": tracking.ui_command(cfg)}
     finish_run(run_dir(cfg, method), tag.run_id)
     return out
+
+
+def undistilled_config(cfg: Config, method: str) -> Config:
+    """``cfg`` for ``method``'s undistilled student: its ``distill.params`` are the student's
+    part of the method's params (a token method's layers, heads, pooling), none for DSSM."""
+    from rec_models.methods import get_method
+
+    model = get_method(method).params_model()
+    params = parse_params(model, cfg.distill.params, method) if model is not None else None
+    student = params.student_params() if hasattr(params, "student_params") else {}
+    return cfg.model_copy(update={"distill": cfg.distill.model_copy(update={"params": student})})
 
 
 def embeddings_committed(cfg: Config, tag: ModelTag) -> bool:

@@ -278,3 +278,17 @@ def test_a_record_that_cannot_be_written_leaves_the_old_one(tmp_path):
         record_training(str(tmp_path), "r1", "f1", {"checkpoint": str(ckpt), "v": object()})
     assert recorded_training(str(tmp_path), "r1", "f1") == {"checkpoint": str(ckpt), "v": 1}
     assert not list((tmp_path / "checkpoints" / "r1").glob("*.tmp"))
+
+
+@pytest.mark.slow
+def test_a_token_method_is_compared_with_its_own_undistilled_student(straight, monkeypatch):
+    """distill.train_baseline: the baseline is the method's own student trained without a
+    teacher (VIRT: the token towers with attention), not DSSM: like for like."""
+    tmp, _, _ = straight
+    spy = Spy(monkeypatch)
+    code, out, err = _run(distill, tmp, "run.name=virt_base", *KD, args=["--method", "virt"])
+    assert code == 0, err[-3000:]
+    result = json.loads(out.strip().splitlines()[-1])
+    assert spy.trainings["token_dual_encoder_attn"] == 1 and spy.trainings["dssm"] == 0, spy.trainings
+    assert result["metrics"]["baseline"]["method"] == "token_dual_encoder_attn"
+    assert 0.0 <= result["metrics"]["baseline_retrieval"]["recall@50"] <= 1.0
