@@ -17,7 +17,7 @@ import os
 import urllib.parse
 from typing import Optional
 
-from rec_models.config import ConfigError
+from rec_models.config import ConfigError, is_uri
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ def _same_location(a: str, b: str) -> bool:
         if uri.startswith("file:"):
             uri = urllib.parse.unquote(uri[len("file:"):])
             uri = "/" + uri.lstrip("/")
-        return uri if "://" in uri else os.path.abspath(uri)
+        return uri if is_uri(uri) else os.path.abspath(uri)
     return norm(a) == norm(b)
 
 

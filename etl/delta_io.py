@@ -35,7 +35,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from rec_models.config import BadInputError, ConfigError, InputNotFoundError
+from rec_models.config import BadInputError, ConfigError, InputNotFoundError, is_uri
 
 WRITERS = ("auto", "spark", "delta_rs")
 MODES = ("overwrite", "append")
@@ -114,7 +114,7 @@ def resolve_writer(spark, writer: str = "auto") -> str:
 
 def _norm_uri(uri: str) -> str:
     uri = str(uri)
-    return uri.rstrip("/") if "://" in uri else os.path.abspath(uri)
+    return uri.rstrip("/") if is_uri(uri) else os.path.abspath(uri)
 
 
 def table_exists(uri: str) -> bool:

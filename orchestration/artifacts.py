@@ -29,7 +29,7 @@ from typing import Optional
 from etl import delta_io
 from rec_models.config import Config, ConfigError, BadInputError, InputNotFoundError
 from rec_models.spec import FeatureSpec
-from rec_models.state_files import read_json_object, write_json_atomic
+from rec_models.state_files import file_exists, read_json_object, write_json_atomic
 
 FEATURE_TABLES = ("user_features", "item_features", "samples")
 
@@ -176,7 +176,7 @@ def recorded_training(out_dir: str, run_id: str, fingerprint: str) -> Optional[d
 
 
 def features_ready(cfg: Config) -> bool:
-    return os.path.exists(cfg.warehouse.spec_path) and all(
+    return file_exists(cfg.warehouse.spec_path) and all(
         delta_io.table_exists(cfg.warehouse.uri(t)) for t in FEATURE_TABLES)
 
 

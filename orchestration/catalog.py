@@ -16,6 +16,7 @@ from typing import Optional
 
 from etl import catalog, delta_io
 from rec_models.config import Config
+from rec_models.state_files import read_bytes
 
 log = logging.getLogger(__name__)
 _WARNED = False
@@ -48,8 +49,7 @@ METRICS_COLUMNS = {
 
 def spec_hash(cfg: Config) -> Optional[str]:
     try:
-        with open(cfg.warehouse.spec_path, "rb") as fh:
-            return hashlib.sha256(fh.read()).hexdigest()
+        return hashlib.sha256(read_bytes(cfg.warehouse.spec_path)).hexdigest()
     except OSError:
         return None
 

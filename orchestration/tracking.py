@@ -28,6 +28,7 @@ import time
 from typing import Any, Iterator, Optional
 
 from rec_models.config import Config, ConfigError
+from rec_models import state_files
 
 log = logging.getLogger(__name__)
 
@@ -261,6 +262,13 @@ class Tracker(NullTracker):
             self.client.log_artifacts(self.run_id, path, folder)
         elif os.path.exists(path):
             self.client.log_artifact(self.run_id, path, folder)
+        elif state_files.is_uri(path):   # the spec beside remote tables: logged from a local copy
+            if state_files.file_exists(path):
+                with tempfile.TemporaryDirectory() as tmp:
+                    local = os.path.join(tmp, os.path.basename(path.rstrip("/")))
+                    with open(local, "wb") as fh:
+                        fh.write(state_files.read_bytes(path))
+                    self.client.log_artifact(self.run_id, local, folder)
 
     def log_student(self, bundle: str, cfg: Config, dtt_run_id: str) -> dict:
         """Log the exported student as a pyfunc with its signature and register it;

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from rec_models.errors import BadInputError, ConfigError, InputNotFoundError, UserError  # noqa: F401 (re-exported)
 from rec_models.spec import FeatureSpec
+from rec_models.state_files import is_uri  # noqa: F401 (etl and orchestration take it from the config)
 
 CONF_DIR = Path(os.environ.get("DTT_CONF_DIR", Path(__file__).resolve().parents[1] / "conf"))
 
@@ -126,15 +127,17 @@ class WarehouseConf(_Section):
 
     def uri(self, table: str) -> str:
         name = getattr(self.tables, table)
-        if "://" in name or name.startswith("/"):
+        if is_uri(name) or name.startswith("/"):
             return name
-        root = self.root if "://" in self.root else os.path.abspath(self.root)
-        return f"{root.rstrip('/')}/{name}"
+        return f"{self._root()}/{name}"
 
     @property
     def spec_path(self) -> str:
-        root = self.root if "://" in self.root else os.path.abspath(self.root)
-        return f"{root.rstrip('/')}/feature_spec.json"
+        """The resolved spec beside the tables (a URI where the root is one)."""
+        return f"{self._root()}/feature_spec.json"
+
+    def _root(self) -> str:
+        return (self.root if is_uri(self.root) else os.path.abspath(self.root)).rstrip("/")
 
 
 class SparkConf(_Section):

@@ -17,14 +17,13 @@ Encoded column layout written by ETL (the loader and models rely on it):
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from enum import Enum
 from typing import Any, Iterable, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from rec_models.errors import BadInputError, InputNotFoundError, UserError
+from rec_models.state_files import read_bytes, write_bytes_atomic
 
 PAD_INDEX = 0
 OOV_INDEX = 1
@@ -243,25 +242,16 @@ class FeatureSpec(_Strict):
         return cls.model_validate(json.loads(text))
 
     def save(self, path: str) -> None:
-        """Write atomically (temp file + rename): readers never see half a spec."""
-        directory = os.path.dirname(os.path.abspath(path))
-        os.makedirs(directory, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".spec-", suffix=".json")
-        try:
-            with os.fdopen(fd, "w") as fh:
-                fh.write(self.to_json())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        """Write atomically (rec_models.state_files): readers never see half a spec. ``path``
+        may be a URI (the warehouse root's: ``dbfs:/``, ``s3://``, ...)."""
+        write_bytes_atomic(path, self.to_json().encode())
 
     @classmethod
     def load(cls, path: str) -> "FeatureSpec":
-        if not os.path.exists(path):
-            raise InputNotFoundError(f"no resolved FeatureSpec at {path}: run jobs/build_features.py first")
-        with open(path) as fh:
-            text = fh.read()
+        try:
+            text = read_bytes(path).decode()
+        except FileNotFoundError:
+            raise InputNotFoundError(f"no resolved FeatureSpec at {path}: run jobs/build_features.py first") from None
         try:
             return cls.from_json(text)
         except ValueError as exc:   # JSON syntax or schema: name the file, not only the parser's position
