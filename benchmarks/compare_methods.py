@@ -65,6 +65,10 @@ def main(argv=None) -> int:
         rows += [{**r, "seed": seed} for r in seed_rows]
         for name, value in seed_teachers.items():
             teacher_auc.setdefault(name, []).append(value)
+        # the rows so far, after every seed: a long run stopped midway keeps its finished seeds
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out + ".partial.json", "w") as fh:
+            json.dump({"seeds_done": sorted({r["seed"] for r in rows}), "rows": rows, "teachers": teacher_auc}, fh)
     summary = summarise(rows, [*methods, *(b for b in BASELINES if any(r["method"] == b for r in rows))])
     report = {"dataset": base.data.name, "seeds": seeds, "teachers": teacher_auc, "rows": rows,
               "summary": summary, "paired": paired_tests(rows), "against_baselines": against_baselines(summary),
