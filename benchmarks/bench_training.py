@@ -186,6 +186,9 @@ def train_once(kind: str, spec: FeatureSpec, files: dict, out_root: Path, backen
         f"train.backend={backend}", f"train.num_processes={processes}", f"train.num_threads={threads}",
         f"train.batch_size={batch_size}", f"train.epochs={epochs}", f"run.output_dir={out_root}",
         "train.log_every=1000000",
+        # the random rows have no item feature table, which student.objective=mixed (the
+        # default) draws its corpus negatives from: the in-batch softmax, the same towers
+        "student.objective=sampled_softmax",
     ])
     job = TrainJob(kind=kind, config=cfg.model_dump(mode="json"), spec_json=spec.to_json(), files=files,
                    out_dir=str(out_dir))

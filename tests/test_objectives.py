@@ -286,3 +286,22 @@ def test_validation_caps_users_and_item_bank_reads_the_item_table(spec, tmp_path
     assert list(again.user_keys) == list(rv.user_keys)   # the same users every time
     bank = load_item_bank(items, spec, ["item_id"])
     assert bank.size == n_items and sorted(bank.ids.tolist()) == list(range(1, n_items + 1))
+
+
+def test_mixed_without_an_item_table_is_a_named_config_error(tmp_path):
+    """student.objective=mixed draws its corpus negatives from the item feature table: a
+    training given none (files without 'items') stops before its first step, saying so."""
+    from benchmarks.bench_training import resolved_spec, write_split
+    from rec_models.config import ConfigError
+    from rec_models.training.loop import TrainJob, train_worker
+
+    spec = resolved_spec()
+    cfg = load_config(overrides=["train.epochs=1", "train.batch_size=64", f"run.output_dir={tmp_path}"])
+    assert cfg.student.objective == "mixed"
+    rng = np.random.default_rng(0)
+    synth = cfg.data.source.synthetic
+    files = {split: write_split(spec, synth, tmp_path / "data", split, 256, 1, 256, rng) for split in ("train", "valid", "test")}
+    job = TrainJob(kind="dssm", config=cfg.model_dump(mode="json"), spec_json=spec.to_json(), files=files,
+                   out_dir=str(tmp_path / "out"))
+    with pytest.raises(ConfigError, match=r"student.objective=mixed .*item feature table"):
+        train_worker(job)

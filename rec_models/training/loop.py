@@ -122,6 +122,10 @@ def _train(job: TrainJob, cfg: Config, spec: FeatureSpec, collective: distribute
         raise ConfigError(f"the training split has too few rows ({loader.num_rows} on rank {rank}) "
                           f"for one batch of train.batch_size={tc.batch_size}")
     if uses_item_bank(model):
+        if not job.files.get("items"):
+            raise ConfigError("student.objective=mixed draws corpus negatives from the item feature table, and this "
+                              "training has none (files['items']): build the features with jobs/build_features.py, "
+                              "or set student.objective=sampled_softmax")
         model.item_bank = load_item_bank(job.files["items"], spec, list(model.student.item_input_names))
     # rank 0 selects a student's epochs by valid retrieval over the whole catalogue
     retrieval = RetrievalValidation(job.files, spec, model.student, cfg) \
