@@ -225,7 +225,11 @@ def test_checkpoints_load_across_backends(features, teachers):
     student_td = _train(features, "torch_distributor", "pfd", "pfd_td_from_hvd_teacher", *over,
                         teacher_checkpoint=teachers["horovod"]["checkpoint"])
     _assert_same_run(student_hv, student_td)
-    assert student_hv["test"]["student_auc"] > 0.5
+    # a retrieval student (student.objective=mixed) learnt something: its valid Recall@10
+    # over the catalogue (about 100 items here) beats a random ranking's (10 / items)
+    _, _, spec, _ = features
+    recall = student_hv["history"][-1]["valid_student_recall@10"]
+    assert recall > 1.5 * 10 / spec.get("item_id").vocab_size, recall
 
 
 # ---- a failing rank ------------------------------------------------------------------------
