@@ -124,14 +124,14 @@ def start_run(cfg: Config, folder: str) -> str:
             return str(state["run_id"])
     run_id = new_run_id()
     write_json_atomic(path, {"run_id": run_id, "finished": False,
-                       "started_at": dt.datetime.now(dt.timezone.utc).isoformat()})
+                             "started_at": dt.datetime.now(dt.timezone.utc).isoformat()})
     return run_id
 
 
 def finish_run(folder: str, run_id: str) -> None:
     """Record the run of ``folder`` as finished: a later ``train.resume=auto`` starts anew."""
-    write_json_atomic(os.path.join(folder, RUN_FILE), {"run_id": run_id, "finished": True,
-                                                  "finished_at": dt.datetime.now(dt.timezone.utc).isoformat()})
+    write_json_atomic(os.path.join(folder, RUN_FILE),
+                      {"run_id": run_id, "finished": True, "finished_at": dt.datetime.now(dt.timezone.utc).isoformat()})
 
 
 TRAINING_RECORD = "result.json"
@@ -147,8 +147,8 @@ def record_training(out_dir: str, run_id: str, fingerprint: str, result: dict) -
     last (after its checkpoints, metrics and tracking): a rerun of the run under
     ``train.resume=auto`` reads it back instead of training again."""
     write_json_atomic(training_record_path(out_dir, run_id),
-                {"run_id": run_id, "fingerprint": fingerprint, "result": result,
-                 "finished_at": dt.datetime.now(dt.timezone.utc).isoformat()})
+                      {"run_id": run_id, "fingerprint": fingerprint, "result": result,
+                       "finished_at": dt.datetime.now(dt.timezone.utc).isoformat()})
 
 
 def recorded_training(out_dir: str, run_id: str, fingerprint: str) -> Optional[dict]:
