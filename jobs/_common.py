@@ -15,7 +15,7 @@ import time
 import traceback
 from typing import Callable
 
-from rec_models.config import Config, UserError, load_config
+from rec_models.config import Config, UserError, is_uri, load_config
 
 log = logging.getLogger("jobs")
 
@@ -70,7 +70,7 @@ def _exists(path: str) -> bool | str:
     dbfs:, ...): a plan never waits on a store this machine may not reach."""
     from etl import delta_io
 
-    if "://" in path or (":" in path.split("/", 1)[0]):
+    if is_uri(path):
         return "unknown"
     return delta_io.table_exists(path) if os.path.isdir(path) else os.path.exists(path)
 

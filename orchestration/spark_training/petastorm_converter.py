@@ -21,7 +21,7 @@ from typing import Any, Iterator
 
 from etl import delta_io
 from orchestration.artifacts import pinned_version
-from rec_models.config import Config
+from rec_models.config import Config, is_uri
 from rec_models.loaders.arrow import _INT, _LIST, LoaderError, _column_kind
 from rec_models.loaders.petastorm import PetastormUnavailableError, require_petastorm
 from rec_models.spec import FeatureSpec
@@ -37,7 +37,7 @@ class PetastormTrainJob(TrainJob):
 
 
 def _cache_url(path: str) -> str:
-    if "://" in path or path.startswith(("file:", "dbfs:")):
+    if is_uri(path):   # file:, dbfs:, s3://, ...: as the warehouse's own rule
         return path
     return "file://" + os.path.abspath(path)
 
