@@ -30,11 +30,11 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from etl import delta_io
 from rec_models.config import BadInputError, Config, InputNotFoundError
+from rec_models.loaders.arrow import open_parquet, scan_parquet
 from rec_models.state_files import write_json_atomic
 from rec_models.serving.retrieval import retrieval_from_arrays  # noqa: F401  (re-exported: baselines, tests)
 
@@ -340,23 +340,13 @@ def _strings(col) -> np.ndarray:
     return col.cast(pa.string()).to_numpy(zero_copy_only=False)
 
 
-def _open(path: str):
-    if "://" in path:
-        fs, local = pafs.FileSystem.from_uri(path)
-        return fs.open_input_file(local)
-    return pa.memory_map(path)
-
-
 def _num_rows(path: str) -> int:
-    with _open(path) as fh:
+    with open_parquet(path) as fh:
         return pq.read_metadata(fh).num_rows
 
 
 def _scan(files: list[str], columns: list[str]) -> Iterator[pa.RecordBatch]:
-    """Batches of ``columns`` over ``files`` in file and row order (as the loader reads them)."""
-    for path in files:
-        with _open(path) as fh:
-            yield from pq.ParquetFile(fh).iter_batches(batch_size=_SCAN_ROWS, columns=columns, use_threads=False)
+    return scan_parquet(files, columns, _SCAN_ROWS)
 
 
 # ---------------------------------------------------------------- the metrics table

@@ -365,3 +365,21 @@ def test_abandoned_iterator_does_not_hang_interpreter_exit(dataset):
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "ok"
+
+
+def test_scan_parquet_reads_paths_and_file_uris_in_file_and_row_order(tmp_path):
+    """The scan the validation and evaluation code share: every row once, files in the
+    order given, rows in file order, local paths and file:// URIs alike, in bounded batches."""
+    from rec_models.loaders.arrow import scan_parquet
+
+    paths = []
+    for i, lo in enumerate((0, 7)):
+        path = tmp_path / f"part-{i}.parquet"
+        pq.write_table(pa.table({"x": np.arange(lo, lo + 7), "y": np.arange(lo, lo + 7) * 2.0}), path, row_group_size=3)
+        paths.append(path)
+    for files in ([str(p) for p in paths], [p.as_uri() for p in paths]):
+        batches = list(scan_parquet(files, ["x"], batch_rows=2))
+        assert max(b.num_rows for b in batches) <= 2 and all(b.schema.names == ["x"] for b in batches)
+        assert [v for b in batches for v in b.column(0).to_pylist()] == list(range(14))
+    got = [v for b in scan_parquet([str(paths[1]), str(paths[0])], ["x"]) for v in b.column(0).to_pylist()]
+    assert got == [*range(7, 14), *range(7)]

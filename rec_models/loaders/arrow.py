@@ -113,6 +113,20 @@ def _resolve(path: str) -> tuple[Optional[pafs.FileSystem], str]:
     return fs, local
 
 
+def open_parquet(path: str):
+    """A Parquet file to read: a local path memory-mapped, a URI through its filesystem."""
+    fs, local = _resolve(path)
+    return pa.memory_map(local) if fs is None else fs.open_input_file(local)
+
+
+def scan_parquet(files: list[str], columns: list[str], batch_rows: int = 1 << 17) -> Iterator[pa.RecordBatch]:
+    """Batches of ``columns`` over ``files`` in file and row order (the loader's order
+    without its shuffle), one file open at a time: memory is one batch."""
+    for path in files:
+        with open_parquet(path) as fh:
+            yield from pq.ParquetFile(fh).iter_batches(batch_size=batch_rows, columns=columns, use_threads=False)
+
+
 def _close_all(files: dict) -> None:
     """Close the ParquetFiles in ``files`` (and the handles they were given, not owned)."""
     for pf, handle in files.values():

@@ -14,43 +14,27 @@ streamed with only the needed columns.
 from __future__ import annotations
 
 import logging
-from typing import Iterator, Optional
+from typing import Optional
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 import torch
 from torch import nn
 
 from rec_models.config import BadInputError, Config
-from rec_models.loaders.arrow import arrow_to_tensors
+from rec_models.loaders.arrow import arrow_to_tensors, scan_parquet
 from rec_models.objectives import ItemBank
 from rec_models.serving.retrieval import retrieval_from_arrays
 from rec_models.spec import FeatureSpec
 
 log = logging.getLogger(__name__)
 
-_SCAN_ROWS = 1 << 17
-
-
-def _scan(files: list[str], columns: list[str]) -> Iterator[pa.RecordBatch]:
-    for path in files:
-        if "://" in path:
-            fs, local = pafs.FileSystem.from_uri(path)
-            handle = fs.open_input_file(local)
-        else:
-            handle = pa.memory_map(path)
-        with handle:
-            yield from pq.ParquetFile(handle).iter_batches(batch_size=_SCAN_ROWS, columns=columns, use_threads=False)
-
-
 def _read(files: list[str], columns: list[str], keep=None) -> pa.Table:
     """``columns`` of ``files`` as one table; ``keep(batch) -> bool mask`` filters as it streams."""
     parts, schema = [], None
-    for batch in _scan(files, columns):
+    for batch in scan_parquet(files, columns):
         schema = batch.schema
         if keep is not None:
             batch = batch.filter(keep(batch))
