@@ -24,7 +24,7 @@ import json
 import logging
 import os
 from dataclasses import dataclass
-from typing import Iterator, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -205,7 +205,7 @@ def pointwise_metrics(cfg: Config, model, spec, files: list[str]) -> dict:
 def _user_codes(files: list[str], expected: int) -> np.ndarray:
     """int codes of ``user_key`` for every row of ``files``, in the order predict reads them
     (files as given, row groups in file order)."""
-    keys = [b.column(0) for b in _scan(files, ["user_key"])]
+    keys = [b.column(0) for b in scan_parquet(files, ["user_key"], _SCAN_ROWS)]
     codes = pc.dictionary_encode(pa.chunked_array(keys).combine_chunks()).indices.to_numpy(zero_copy_only=False)
     if codes.size != expected:
         raise RuntimeError(f"read {codes.size} user keys but predict scored {expected} rows: "
@@ -318,7 +318,7 @@ def click_keys(files: list[str], label: str, user_ids: pd.Index, item_ids: pd.In
     ``files`` whose user and item are known; ``distinct``: sorted and deduplicated (each
     batch as it is read, so memory follows the distinct pairs, not the clicks)."""
     n_items, parts = len(item_ids), [np.zeros(0, np.int64)]
-    for batch in _scan(files, ["user_key", "item_key", label]):
+    for batch in scan_parquet(files, ["user_key", "item_key", label], _SCAN_ROWS):
         batch = batch.filter(pc.greater(batch.column(2), 0.5))
         if not batch.num_rows:
             continue
@@ -343,10 +343,6 @@ def _strings(col) -> np.ndarray:
 def _num_rows(path: str) -> int:
     with open_parquet(path) as fh:
         return pq.read_metadata(fh).num_rows
-
-
-def _scan(files: list[str], columns: list[str]) -> Iterator[pa.RecordBatch]:
-    return scan_parquet(files, columns, _SCAN_ROWS)
 
 
 # ---------------------------------------------------------------- the metrics table
