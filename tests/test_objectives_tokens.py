@@ -105,7 +105,7 @@ def test_token_students_softmax_equals_the_pure_function(method, spec, teachers)
     """With the calibration and every teacher term at weight 0, the training loss is the
     pure softmax of the student's stored vectors, scored by its own score kind."""
     zero = {"virt": {"attn_weight": 0.0, "listwise_weight": 0.0},
-            "distilled_dual_encoder": {"attn_weight": 0.0, "listwise_weight": 0.0},
+            "distilled_dual_encoder": {"attn_weight": 0.0, "listwise_weight": 0.0, "soft_weight": 0.0},
             "trmd": {"rep_weight": 0.0, "listwise_weight": 0.0}}.get(method)
     model = build(method, spec, teachers, "sampled_softmax", zero, "student.calibration_weight=0.0",
                   "student.temperature=0.07")
@@ -122,6 +122,34 @@ def test_token_students_softmax_equals_the_pure_function(method, spec, teachers)
     if st.score_kind == "dot":
         assert expected.item() == pytest.approx(
             softmax_loss(u, v, item_ids(spec, batch), batch[spec.label.name], 0.07).item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("soft_weight", [0.4, 1.0])
+def test_distilled_dual_encoder_soft_positives_are_the_teachers_pair_probability(soft_weight, spec, teachers):
+    """Distilled-DualEncoder's soft label of the pair, under a softmax objective: each row's
+    positive weight is (1 - soft_weight) y + soft_weight sigma(t / T), t the teacher's logit
+    of the impression's own row (privileged columns included), and nothing else changes."""
+    params = {"attn_weight": 0.0, "listwise_weight": 0.0, "soft_weight": soft_weight, "temperature": 2.0}
+    model = build("distilled_dual_encoder", spec, teachers, "sampled_softmax", params,
+                  "student.calibration_weight=0.0", "student.temperature=0.07")
+    model.eval()
+    batch = clicks(spec, 48, seed=5)
+    loss, _ = model.training_loss(batch, 0)
+    st = model.student
+    with torch.no_grad():
+        u, v = st.encode_user(batch), st.encode_item(batch)
+        t = model.teacher(batch)["teacher"]
+    y = batch[spec.label.name]
+    w = (1 - soft_weight) * y + soft_weight * torch.sigmoid(t / 2.0)
+    assert loss.item() == pytest.approx(softmax_loss(u, v, item_ids(spec, batch), w, 0.07).item(), rel=1e-5)
+    hard = softmax_loss(u, v, item_ids(spec, batch), y, 0.07)
+    assert abs(loss.item() - hard.item()) > 1e-4       # the teacher's probabilities did change the loss
+
+
+def test_distilled_dual_encoder_soft_weight_above_one_is_refused_for_retrieval(spec, teachers):
+    with pytest.raises(ConfigError, match="soft_weight=1.5"):
+        build("distilled_dual_encoder", spec, teachers, "mixed", {"soft_weight": 1.5})
+    build("distilled_dual_encoder", spec, teachers, "pointwise", {"soft_weight": 1.5})   # a loss weight there
 
 
 # ---- the shared calibration --------------------------------------------------------------------
@@ -274,7 +302,7 @@ def test_listwise_term_against_brute_force(spec, teachers):
 
 @pytest.mark.parametrize("method", DISTILLED)
 def test_teacher_gets_no_gradient_and_every_student_parameter_does(method, spec, teachers):
-    model = build(method, spec, teachers)
+    model = build(method, spec, teachers, "sampled_softmax", {"listwise_weight": 1.0})
     model.train()
     frozen = [p for m in model.frozen_modules() for p in m.parameters()]
     assert frozen and all(not p.requires_grad for p in frozen)

@@ -18,18 +18,21 @@ Into a retrieval student (``student.objective`` sampled_softmax or mixed,
 ``rec_models.objectives``) the student is a ``CalibratedTokenDualEncoder``, the hard loss
 is the student objective and the paper's logit distillation becomes listwise, as in dense
 retrieval: the teacher's scores of a query's candidates are the soft labels of the
-student's softmax over the same candidates.
+student's softmax over the same candidates; the paper's soft label of the pair itself
+becomes each impression's positive weight in the softmax, as PFD's does (``pfd``):
 
-    L = L_softmax(u, v; tau) + calibration_weight * BCE(calibrated(sg <u, v>), y)     tower_loss
+    w_r = (1 - soft_weight) y_r + soft_weight sigma(t_r / T)                           soft positives
+    L = L_softmax(u, v; tau; w) + calibration_weight * BCE(calibrated(sg <u, v>), y)   tower_loss
       + attn_weight * KL_attn                                                           own rows
-      + listwise_weight * mean_q KL( softmax_j(t_qj / T) || softmax_j(<u_q, v_j> / tau) )  candidates
+      + listwise_weight * mean_q KL( softmax_j(t_qj / T') || softmax_j(<u_q, v_j> / tau) )  candidates
 
-What the teacher scores: the attention maps A_t on each impression's own (user, item) row
-(privileged columns included); the listwise term's candidates of each clicked row q, its
-positive and M - 1 other items of the batch (``rec_models.distill.listwise``: pair inputs,
-neutral privileged columns, cost Q x M teacher passes). The pointwise soft-label term
-(``soft_weight``, ``temperature``) is the pointwise form of the same knowledge and is not
-added under the softmax objectives: the calibrated logit is trained by its own BCE only.
+What the teacher scores: each impression's own (user, item) row, privileged columns
+included, for the attention maps A_t and the soft positive t_r; and the listwise term's
+candidates of each clicked row q, its positive and M - 1 other items of the batch
+(``rec_models.distill.listwise``: pair inputs, neutral privileged columns, cost Q x M
+teacher passes). Under the softmax objectives ``soft_weight`` lies in [0, 1] (it mixes the
+click and the soft label; 0: hard positives only) and the calibrated logit is trained by
+its own BCE on the clicks.
 """
 from __future__ import annotations
 
@@ -39,13 +42,13 @@ import torch
 from pydantic import ConfigDict, Field
 from torch import nn
 
-from rec_models.config import ModelConf, StudentConf, parse_params
+from rec_models.config import ConfigError, ModelConf, StudentConf, parse_params
 from rec_models.distill.base import CrossTeacherDistill, cross_teacher, student_params
 from rec_models.distill.listwise import ListwiseParams, ListwiseTargets
 from rec_models.losses import bce, soft_label_distillation, weighted_mean
 from rec_models.models.cross_encoder import CrossEncoder
 from rec_models.models.dual_encoder import TokenDualEncoder
-from rec_models.objectives import ItemBank, make_token_student, tower_loss
+from rec_models.objectives import SOFTMAX_OBJECTIVES, ItemBank, make_token_student, soft_positive_weights, tower_loss
 from rec_models.spec import FeatureSpec
 
 Batch = Mapping[str, torch.Tensor]
@@ -70,9 +73,10 @@ def attention_kl(student_attention: torch.Tensor, teacher_attention: torch.Tenso
 class DistilledDualEncoderParams(ListwiseParams):
     """listwise_*: the listwise term of the softmax objectives (``ListwiseParams``)."""
     model_config = ConfigDict(extra="forbid")
+    listwise_weight: float = Field(0.0, ge=0)   # off: it lowered valid Recall@50 (docs/results.md 5.4)
     attn_weight: float = Field(1.0, ge=0)    # weight of KL(A_t || A_s)
-    soft_weight: float = Field(1.0, ge=0)    # weight of the soft-label term (pointwise objective)
-    temperature: float = Field(1.0, gt=0)    # soft-label temperature T (pointwise objective)
+    soft_weight: float = Field(1.0, ge=0)    # soft-label term: its weight (pointwise), its share of w_r (softmax)
+    temperature: float = Field(1.0, gt=0)    # soft-label temperature T
     layers: int = Field(1, ge=1)             # student tower transformer layers
     heads: int = Field(2, ge=1)
     pooling: str = Field("mean", pattern="^(mean|attention)$")
@@ -90,6 +94,9 @@ class DistilledDualEncoderModel(CrossTeacherDistill):
                  params: Optional[dict] = None, student_conf: Optional[StudentConf] = None):
         p = parse_params(DistilledDualEncoderParams, params, "distilled_dual_encoder")
         conf = student_conf or StudentConf(objective="pointwise")
+        if conf.objective in SOFTMAX_OBJECTIVES and p.soft_weight > 1:
+            raise ConfigError(f"distill.params.soft_weight={p.soft_weight}: into a retrieval student (student.objective="
+                              f"{conf.objective}) it mixes click and soft label, so it must lie in [0, 1]")
         super().__init__(spec, teacher, make_token_student(spec, model_conf, p.student_params(), conf))
         self.params = p
         self.student_conf = conf
@@ -97,8 +104,8 @@ class DistilledDualEncoderModel(CrossTeacherDistill):
 
     def training_loss(self, batch: Batch, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         """L = BCE(s, y) + attn_weight * KL(A_t || A_s) + soft_weight * soft_label(s, t; T)
-        (pointwise); the student objective + attn_weight * KL(A_t || A_s) + listwise_weight *
-        L_listwise (softmax objectives: module docstring)."""
+        (pointwise); the student objective with soft positives + attn_weight * KL(A_t || A_s)
+        + listwise_weight * L_listwise (softmax objectives: module docstring)."""
         p, st, conf = self.params, self.student, self.student_conf
         label, weight = self.label_weight(batch)
         teacher = self.teacher_outputs(batch)
@@ -112,10 +119,14 @@ class DistilledDualEncoderModel(CrossTeacherDistill):
             loss = loss_student + p.attn_weight * loss_attn + p.soft_weight * loss_soft
             return loss, {"loss": loss.item(), "loss_student": loss_student.item(),
                           "loss_attn": loss_attn.item(), "loss_soft": loss_soft.item()}
-        loss_student, logs = tower_loss(st, self.spec, conf, batch, u, v, bank=self.item_bank)
-        loss_listwise = ListwiseTargets.of_batch(self.teacher, self.spec, batch, p).kl(
-            st.score_kind, u, v, conf.temperature)
-        loss = loss_student + p.attn_weight * loss_attn + p.listwise_weight * loss_listwise
+        positives = soft_positive_weights(label, teacher.logit, p.soft_weight, p.temperature)
+        loss_student, logs = tower_loss(st, self.spec, conf, batch, u, v, positives, bank=self.item_bank)
+        loss = loss_student + p.attn_weight * loss_attn
+        loss_listwise = torch.zeros(())
+        if p.listwise_weight > 0:   # Q x M teacher passes, skipped when the term is off
+            loss_listwise = ListwiseTargets.of_batch(self.teacher, self.spec, batch, p).kl(
+                st.score_kind, u, v, conf.temperature)
+            loss = loss + p.listwise_weight * loss_listwise
         return loss, {"loss": loss.item(), **logs, "loss_attn": loss_attn.item(),
                       "loss_listwise": loss_listwise.item()}
 
