@@ -42,7 +42,7 @@ from typing import Optional
 import torch
 
 from rec_models.batch import Batch, item_ids, label_and_weight
-from rec_models.config import ModelConf, StudentConf
+from rec_models.config import ConfigError, ModelConf, StudentConf
 from rec_models.losses import bce, in_batch_candidates, weighted_mean
 from rec_models.layers.calibration import RunningCalibration
 from rec_models.models.dssm import DSSM, CalibratedDSSM
@@ -90,6 +90,14 @@ class ItemBank:
         """n items drawn uniformly with replacement: (tower inputs, ids) on ``device``."""
         idx = torch.randint(0, self.size, (n,), generator=generator)
         return {k: v[idx].to(device) for k, v in self.features.items()}, self.ids[idx].to(device)
+
+
+def check_soft_share(option: str, share: float, objective: str) -> None:
+    """A ConfigError naming ``option`` when ``share``, the teacher's share of the positive
+    weights (``soft_positive_weights``' alpha), leaves [0, 1] under a softmax objective."""
+    if objective in SOFTMAX_OBJECTIVES and not 0 <= share <= 1:
+        raise ConfigError(f"{option}={share}: into a retrieval student (student.objective={objective}) "
+                          f"it mixes click and soft label, so it must lie in [0, 1]")
 
 
 def soft_positive_weights(label: torch.Tensor, teacher_logit: torch.Tensor, alpha: float,

@@ -42,13 +42,14 @@ import torch
 from pydantic import ConfigDict, Field
 from torch import nn
 
-from rec_models.config import ConfigError, ModelConf, StudentConf, parse_params
+from rec_models.config import ModelConf, StudentConf, parse_params
 from rec_models.distill.base import CrossTeacherDistill, cross_teacher, student_params
 from rec_models.distill.listwise import ListwiseParams, ListwiseTargets
 from rec_models.losses import bce, soft_label_distillation, weighted_mean
 from rec_models.models.cross_encoder import CrossEncoder
 from rec_models.models.dual_encoder import TokenDualEncoder
-from rec_models.objectives import SOFTMAX_OBJECTIVES, ItemBank, make_token_student, soft_positive_weights, tower_loss
+from rec_models.objectives import (ItemBank, check_soft_share, make_token_student, soft_positive_weights,
+                                  tower_loss)
 from rec_models.spec import FeatureSpec
 
 Batch = Mapping[str, torch.Tensor]
@@ -94,9 +95,7 @@ class DistilledDualEncoderModel(CrossTeacherDistill):
                  params: Optional[dict] = None, student_conf: Optional[StudentConf] = None):
         p = parse_params(DistilledDualEncoderParams, params, "distilled_dual_encoder")
         conf = student_conf or StudentConf(objective="pointwise")
-        if conf.objective in SOFTMAX_OBJECTIVES and p.soft_weight > 1:
-            raise ConfigError(f"distill.params.soft_weight={p.soft_weight}: into a retrieval student (student.objective="
-                              f"{conf.objective}) it mixes click and soft label, so it must lie in [0, 1]")
+        check_soft_share("distill.params.soft_weight", p.soft_weight, conf.objective)
         super().__init__(spec, teacher, make_token_student(spec, model_conf, p.student_params(), conf))
         self.params = p
         self.student_conf = conf

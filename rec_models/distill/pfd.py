@@ -38,10 +38,10 @@ import torch
 from torch import nn
 
 from rec_models.batch import Batch, label_and_weight
-from rec_models.config import ConfigError, DistillConf, ModelConf, StudentConf
+from rec_models.config import DistillConf, ModelConf, StudentConf
 from rec_models.distill.base import FrozenTeachers, teacher_state
 from rec_models.losses import bce, linear_warmup, soft_label_distillation
-from rec_models.objectives import ItemBank, make_student, soft_positive_weights, student_loss
+from rec_models.objectives import ItemBank, check_soft_share, make_student, soft_positive_weights, student_loss
 from rec_models.models.pfd_teacher import PFDTeacher
 from rec_models.spec import FeatureSpec
 
@@ -61,9 +61,7 @@ class PFDModel(FrozenTeachers, nn.Module):
         self.spec = spec
         self.distill_conf = distill_conf
         self.student_conf = student_conf or StudentConf(objective="pointwise")
-        if self.student_conf.objective != "pointwise" and distill_conf.alpha > 1:
-            raise ConfigError(f"distill.alpha={distill_conf.alpha}: into a retrieval student (student.objective="
-                              f"{self.student_conf.objective}) alpha mixes click and soft label, so it must lie in [0, 1]")
+        check_soft_share("distill.alpha", distill_conf.alpha, self.student_conf.objective)
         self.student = make_student(spec, model_conf, self.student_conf)
         self.item_bank: Optional[ItemBank] = None   # given by the training loop for student.objective=mixed
         self.teacher = PFDTeacher(spec, model_conf, self.student.public_embeddings)
