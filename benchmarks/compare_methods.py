@@ -45,6 +45,7 @@ def main(argv=None) -> int:
     p.add_argument("--methods", default=",".join(ORDER))
     p.add_argument("--seeds", default="42", help="comma-separated run.seed values (model init and shuffling)")
     p.add_argument("--out", default="results/compare_methods")
+    p.add_argument("--conf", action="append", default=[], metavar="FILE", help="extra conf file, merged before --set")
     p.add_argument("--set", action="append", default=[], dest="overrides")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -54,14 +55,14 @@ def main(argv=None) -> int:
         print(f"error: unknown method(s) {unknown}; known: {sorted(METHODS)}", file=sys.stderr)
         return 2
     seeds = [int(s) for s in args.seeds.split(",") if s]
-    base = load_config(dataset=args.dataset, overrides=args.overrides)
+    base = load_config(dataset=args.dataset, files=args.conf, overrides=args.overrides)
     spark = get_spark(base.spark)
     pipeline.ensure_features(spark, base)
     started = time.time()
     rows, teacher_auc = [], {}
     for seed in seeds:
         seed_rows, seed_teachers = run_seed(spark, args.dataset, methods, [*args.overrides, f"run.seed={seed}",
-                                                                          f"run.version=seed{seed}"])
+                                                                          f"run.version=seed{seed}"], args.conf)
         rows += [{**r, "seed": seed} for r in seed_rows]
         for name, value in seed_teachers.items():
             teacher_auc.setdefault(name, []).append(value)
@@ -71,9 +72,11 @@ def main(argv=None) -> int:
             json.dump({"seeds_done": sorted({r["seed"] for r in rows}), "rows": rows, "teachers": teacher_auc}, fh)
     summary = summarise(rows, [*methods, *(b for b in BASELINES if any(r["method"] == b for r in rows))])
     report = {"dataset": base.data.name, "seeds": seeds, "teachers": teacher_auc, "rows": rows,
-              "summary": summary, "paired": paired_tests(rows), "against_baselines": against_baselines(summary),
+              "summary": summary, "paired": paired_tests(rows),
+              "against_baselines": against_baselines(summary, refit=base.train.refit == "train_valid"),
               "machine": f"{os.cpu_count()} cores", "select_k": base.eval.select_k, "objective": base.student.objective,
-              "backend": base.train.backend, "epochs": base.train.epochs, "wall_seconds": time.time() - started}
+              "backend": base.train.backend, "epochs": base.train.epochs, "refit": base.train.refit,
+              "wall_seconds": time.time() - started}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out + ".json", "w") as fh:
         json.dump(report, fh, indent=2)
@@ -90,12 +93,13 @@ def objective_of(method: str, cfg) -> str:
     return cfg.student.objective if method in follows else ("sampled_softmax" if method == "youtube_dnn" else "own")
 
 
-def run_seed(spark, dataset, methods: list[str], overrides: list[str]) -> tuple[list[dict], dict[str, float]]:
+def run_seed(spark, dataset, methods: list[str], overrides: list[str],
+             files: tuple[str, ...] = ()) -> tuple[list[dict], dict[str, float]]:
     """Shared teachers, then every method, all with one run.seed (gains are paired per seed
     with the method's undistilled student in ``paired_tests``)."""
     from rec_models.training.loop import teacher_config
 
-    base = load_config(dataset=dataset, overrides=overrides)
+    base = load_config(dataset=dataset, files=files, overrides=overrides)
     spec = pipeline.load_spec(base)
     run_id = pipeline.new_run_id()
     teachers, teacher_auc = {}, {}
@@ -109,7 +113,7 @@ def run_seed(spark, dataset, methods: list[str], overrides: list[str]) -> tuple[
         logging.info("teacher %s: AUC %.4f in %.0fs", name, teacher_auc[name], time.time() - t0)
     rows = []
     for m in methods:
-        cfg = load_config(dataset=dataset, method=m, overrides=[
+        cfg = load_config(dataset=dataset, method=m, files=files, overrides=[
             *overrides, f"run.name={m}", "distill.train_baseline=false", "eval.baselines=false",
             *[f"distill.teachers.{t}={path}" for t, path in teachers.items()]])
         out = pipeline.run_method(spark, cfg, m)
@@ -119,6 +123,10 @@ def run_seed(spark, dataset, methods: list[str], overrides: list[str]) -> tuple[
                **{f"valid_{k}": v for k, v in out["valid"].items() if k in ("student_recall@50", "student_auc")},
                **{f"student_{k}": v for k, v in metrics["student"].items() if k != "rows"},
                **{k: v for k, v in metrics.get("student_retrieval", {}).items() if "@" in k}}
+        if "refit" in out and "student_retrieval" in metrics:   # train.refit=train_valid: the train-only model too
+            from orchestration.evaluation import retrieval_of_checkpoint
+
+            row["train_only_recall@50"] = retrieval_of_checkpoint(cfg, out["refit"]["selection_checkpoint"])["recall@50"]
         if METHODS[m].role == "distill":
             row["teacher_auc"] = metrics["teacher"]["auc"] if "teacher" in metrics else teacher_auc.get("cross_encoder")
         rows.append(row)
@@ -191,16 +199,18 @@ def paired_tests(rows: list[dict], metrics: tuple[str, ...] = PAIRED_METRICS) ->
     return out
 
 
-def against_baselines(summary: list[dict], metric: str = "recall@50") -> dict:
+def against_baselines(summary: list[dict], metric: str = "recall@50", refit: bool = False) -> dict:
     """The best student's mean ``metric`` over the better of most-popular and ALS (the issue's
     1.1x goal), twice: against ALS fit on the students' own training clicks (``als_train``)
-    and against ALS refit on train + valid (``als``), with the rows each compares."""
+    and against ALS refit on train + valid (``als``), with the rows each compares. Students
+    refit on train + valid themselves (``refit``) are compared with the refit ALS only."""
     students = [r for r in summary if r["role"] != "reference" and metric in r]
     if not students:
         return {}
     best = max(students, key=lambda r: r[metric])
     out = {}
-    for name, refs_of in (("same_data", ("most_popular", "als_train")), ("refit", ("most_popular", "als"))):
+    pairs = (("same_data", ("most_popular", "als_train")), ("refit", ("most_popular", "als")))
+    for name, refs_of in pairs[1:] if refit else pairs:
         refs = {r["method"]: r[metric] for r in summary if r["method"] in refs_of and metric in r}
         if refs:
             ref = max(refs, key=refs.get)
@@ -213,12 +223,16 @@ def markdown(report: dict) -> str:
     summary = report["summary"]
     ks = sorted({k for r in summary for k in r if k.startswith(("recall@", "ndcg@")) and not k.endswith(("_std", "_n"))},
                 key=lambda k: (k.split("@")[0], int(k.split("@")[1])))
-    head = ["method", "role", "objective", *ks, "AUC", "LogLoss", "valid Recall@50", "epoch", "train s"]
+    refit = report.get("refit") == "train_valid"
+    head = ["method", "role", "objective", *ks, "AUC", "LogLoss", "valid Recall@50",
+            *(["train-only recall@50"] if refit else []), "epoch", "train s"]
     teachers = ", ".join(f"{k} {np.mean(v):.4f} ± {np.std(v, ddof=1) if len(v) > 1 else 0:.4f}"
                          for k, v in report["teachers"].items())
     lines = [f"Dataset: {report['dataset']}; seeds {report['seeds']} (mean ± std over seeds); up to "
              f"{report['epochs']} epochs, each model at its best validation epoch (students: valid "
-             f"Recall@{report.get('select_k', 50)} over the catalogue; teachers: valid AUC); {report['machine']}; "
+             f"Recall@{report.get('select_k', 50)} over the catalogue; teachers: valid AUC)"
+             f"{', then refit on train + valid for that many epochs (train.refit=train_valid)' if refit else ''}; "
+             f"{report['machine']}; "
              f"teachers' test AUC: {teachers}", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
@@ -231,7 +245,8 @@ def markdown(report: dict) -> str:
     for r in summary:
         cells = [r["method"], r["role"], r.get("objective_name", "-") if r["role"] != "reference" else "-",
                  *[cell(r, k) for k in ks], cell(r, "student_auc"), cell(r, "student_logloss"),
-                 cell(r, "valid_student_recall@50"), cell(r, "selected_epoch", 1), f"{r['train_seconds']:.1f}"]
+                 cell(r, "valid_student_recall@50"), *([cell(r, "train_only_recall@50")] if refit else []),
+                 cell(r, "selected_epoch", 1), f"{r['train_seconds']:.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Role `reference`: no features, no towers (orchestration/baselines.py). most_popular ranks "
               "items by train clicks; als and bpr (`implicit`) take the setting of best valid Recall@50 "
@@ -240,6 +255,10 @@ def markdown(report: dict) -> str:
               "one grid fit on average). Same test clicks, "
               "train/valid clicks excluded, same metric code as the methods. AUC/LogLoss: the student's "
               "calibrated score on the test impressions. train s: the method's own epochs (teachers apart)."]
+    if refit:
+        lines += ["", "Refit: each method's test columns are those of the model trained again on train + valid "
+                  "for its selected epochs; train-only recall@50 is the selected model before that refit (the "
+                  "figure to read beside als_train); train s counts both trainings."]
     if report.get("paired"):
         lines += ["", "Distillation against the same student trained without a teacher (paired per seed; "
                   "p: two-sided paired t-test, scipy.stats.ttest_rel):", "",

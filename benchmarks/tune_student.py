@@ -33,6 +33,7 @@ def main(argv=None) -> int:
     p.add_argument("--dataset")
     p.add_argument("--method", default="dssm")
     p.add_argument("--seeds", default="1,2")
+    p.add_argument("--conf", action="append", default=[], metavar="FILE", help="extra conf file, merged before --set")
     p.add_argument("--set", action="append", default=[], dest="overrides", help="key=value for every run")
     p.add_argument("--try", action="append", default=[], dest="candidates",
                    help="';'-separated key=value overrides of one candidate ('' = the defaults)")
@@ -41,13 +42,13 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING)
     common = [*args.overrides, "tracking.enabled=false", "eval.baselines=false"]
     candidates = [[o for o in c.split(";") if o] for c in (args.candidates or [""])]
-    base = load_config(dataset=args.dataset, overrides=common)
+    base = load_config(dataset=args.dataset, files=args.conf, overrides=common)
     spark = get_spark(base.spark)
     spec = pipeline.ensure_features(spark, base)
     runs = []
     for seed in [int(s) for s in args.seeds.split(",") if s]:
         for overrides in candidates:
-            cfg = load_config(dataset=args.dataset, overrides=[*common, *overrides, f"run.seed={seed}",
+            cfg = load_config(dataset=args.dataset, files=args.conf, overrides=[*common, *overrides, f"run.seed={seed}",
                                                                "run.version=tune"])
             teachers = pipeline.ensure_teachers(cfg, spec, args.method, "tune")
             result = pipeline.train(cfg, spec, args.method, run_dir(cfg, "tune", args.method), "tune",

@@ -8,6 +8,7 @@ Where the stages find each other's outputs (run folders, pinned feature tables):
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from typing import Optional
@@ -18,6 +19,7 @@ from orchestration.artifacts import (FEATURE_TABLES, EmbeddingsNotCommitted, Mod
                                      record_training, recorded_training, run_dir, start_run, training_files)
 from rec_models.config import BadInputError, Config, ConfigError, InputNotFoundError, parse_params
 from rec_models.spec import FeatureSpec
+from rec_models.state_files import write_json_atomic
 
 log = logging.getLogger(__name__)
 __all__ = ["FEATURE_TABLES", "ModelTag", "check_training_env", "ensure_features", "ensure_teachers",
@@ -40,7 +42,6 @@ def train(cfg: Config, spec: FeatureSpec, kind: str, out_dir: str, run_id: str,
           teacher_checkpoint: Optional[str] = None, teachers: Optional[dict[str, str]] = None) -> dict:
     """Train ``kind`` in ``out_dir`` as part of run ``run_id``; under ``train.resume=auto`` a
     training this run finished before (same conf, spec and teachers) is read back, not redone."""
-    from orchestration.spark_training.launchers import run_training
     from rec_models.training.loop import TrainJob, run_fingerprint
 
     check_training_env(cfg)
@@ -57,17 +58,51 @@ def train(cfg: Config, spec: FeatureSpec, kind: str, out_dir: str, run_id: str,
                      done["checkpoint"])
             return done
     log.info("training %s with backend %s, loader %s", kind, cfg.train.backend, cfg.train.loader)
-    if cfg.train.loader == "petastorm":
-        from orchestration.spark_training.petastorm_converter import petastorm_job
-
-        with petastorm_job(job, cfg, spec) as converted:   # the converter's cache is deleted after
-            result = run_training(converted, cfg.train)
-    else:
-        result = run_training(job, cfg.train)
+    result = _run_job(job, cfg, spec)
+    if cfg.train.refit == "train_valid":
+        result = refit_on_valid(job, cfg, spec, result)
     from orchestration import tracking
 
     tracking.current().log_training(kind, result, dtt_run_id=run_id)   # per-epoch and test metrics
     record_training(out_dir, run_id, fingerprint, result)   # last: the training is complete
+    return result
+
+
+def _run_job(job, cfg: Config, spec: FeatureSpec) -> dict:
+    from orchestration.spark_training.launchers import run_training
+
+    if cfg.train.loader == "petastorm":
+        from orchestration.spark_training.petastorm_converter import petastorm_job
+
+        with petastorm_job(job, cfg, spec) as converted:   # the converter's cache is deleted after
+            return run_training(converted, cfg.train)
+    return run_training(job, cfg.train)
+
+
+def refit_on_valid(job, cfg: Config, spec: FeatureSpec, selection: dict) -> dict:
+    """``train.refit=train_valid``: ``job``'s model trained again, from the same seed, on
+    train + valid for the epochs ``selection`` chose on valid; that model is the result's
+    checkpoint, test metrics and (for a student) the served embeddings.
+
+    The result keeps the selection's per-epoch history, selected epoch and valid figures
+    (what hyper-parameters are chosen on), and reports under ``refit`` the refit's epochs,
+    seconds and the selection model's test metrics; ``train_seconds`` counts both."""
+    from rec_models.training.loop import publish_checkpoint
+
+    epochs = int(selection["selected_epoch"]) + 1
+    files = {**job.files, "train": [*job.files["train"], *job.files["valid"]]}
+    refit_dir = os.path.join(job.out_dir, "refit")
+    os.makedirs(refit_dir, exist_ok=True)
+    log.info("train.refit=train_valid: %s again on train + valid for %d epochs (selected on valid)", job.kind, epochs)
+    refit = _run_job(dataclasses.replace(job, files=files, out_dir=refit_dir, refit_epochs=epochs), cfg, spec)
+    result = {**refit, "history": selection["history"], "selected_epoch": selection["selected_epoch"],
+              "train_seconds": selection["train_seconds"] + refit["train_seconds"],
+              "refit": {"epochs": epochs, "train_seconds": refit["train_seconds"], "history": refit["history"],
+                        "selection_checkpoint": selection["checkpoint"], "selection_test": selection["test"]}}
+    # checkpoints/last.pt and metrics.json of the training folder: the served model and its
+    # selection history, where jobs/evaluate.py looks
+    publish_checkpoint(refit["checkpoint"], os.path.join(job.out_dir, "checkpoints", "last.pt"))
+    write_json_atomic(os.path.join(job.out_dir, "metrics.json"), result)
     return result
 
 
@@ -187,6 +222,8 @@ def _run_method(spark, cfg: Config, method: str) -> dict:
            "backend": cfg.train.backend,
            # from the ranks themselves: a run that silently trained in fewer processes shows here
            "world_size": result["world_size"], "ranks": result.get("ranks", [])}
+    if "refit" in result:   # train.refit=train_valid: what was served, beside what selected it
+        out["refit"] = {k: v for k, v in result["refit"].items() if k != "history"}
     out["warnings"] = warnings
     if "student" in heads:
         bundle = run_dir(cfg, "student.pt")

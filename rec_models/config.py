@@ -272,6 +272,11 @@ class TrainConf(_Section):
     # never: every run trains from scratch; auto: continue the last unfinished run of this
     # run.name/version (same conf and spec) from its last complete epoch (run_state.json)
     resume: Literal["never", "auto"] = "never"
+    # none: serve the model of the selected epoch, trained on train only. train_valid: then
+    # train it again from its initial weights on train + valid for the selected number of
+    # epochs and serve that one (valid's clicks are the ones nearest to test; the refit ALS
+    # and BPR of orchestration.baselines see them too). Doubles training time at most.
+    refit: Literal["none", "train_valid"] = "none"
 
     @field_validator("backend")
     @classmethod
@@ -460,6 +465,10 @@ def load_config(
     except OmegaConfBaseException as exc:
         detail = " ".join(str(exc).split())
         raise ConfigError(f"cannot merge the conf layers and overrides: {detail}") from None
+    except TypeError as exc:   # OmegaConf's own for a key path through a list, e.g. features.4.max_len
+        raise ConfigError(f"cannot merge the conf layers and overrides {list(overrides)}: {exc}; an override "
+                          "cannot index into a list (such as data.feature_spec.features): give the whole "
+                          "changed list in an extra conf file (--conf FILE)") from None
     return validate_config(raw)
 
 

@@ -187,6 +187,18 @@ def test_bad_literal():
     assert "warehouse.writer" in msg
 
 
+def test_bad_refit_names_the_key_and_the_choices():
+    msg = _error(overrides=["train.refit=all"])
+    assert "train.refit" in msg and "train_valid" in msg
+    assert load_config(overrides=["train.refit=train_valid"]).train.refit == "train_valid"
+    assert load_config().train.refit == "none"
+
+
+def test_override_indexing_a_list_is_a_config_error_pointing_to_a_conf_file():
+    msg = _error(dataset="ml100k", overrides=["data.feature_spec.features.4.max_len=50"])
+    assert "data.feature_spec.features.4.max_len=50" in msg and "--conf" in msg
+
+
 def test_override_without_equals():
     msg = _error(overrides=["train.epochs"])
     assert "train.epochs" in msg

@@ -131,6 +131,24 @@ def test_one_rank_yields_the_train_split_as_arrow_loader_does(built, spark):
     assert not os.listdir(tmp / "cache1")
 
 
+def test_refit_converter_holds_the_train_and_valid_rows(built, spark):
+    """train.refit=train_valid trains on train + valid: the converter of its splits holds
+    exactly the rows the arrow loader reads from both splits' files."""
+    from orchestration import pipeline
+    from rec_models.training.loop import model_columns
+
+    tmp, cfg, spec = built
+    columns = model_columns(spec)
+    files = pipeline.training_files(cfg, spec)
+    both = ArrowBatchLoader(files["train"] + files["valid"], spec, columns, 1000, shuffle=False, drop_last=False)
+    train_only = ArrowBatchLoader(files["train"], spec, columns, 1000, shuffle=False, drop_last=False)
+    converter = pc.make_train_converter(spark, cfg, spec, columns, str(tmp / "cache_refit"), splits=("train", "valid"))
+    try:
+        assert len(converter) == both.num_rows > train_only.num_rows
+    finally:
+        converter.delete()
+
+
 def test_two_ranks_equal_batch_counts_disjoint_shards_new_order_per_epoch(built, spark):
     from orchestration import pipeline
     from rec_models.training.loop import model_columns

@@ -223,6 +223,54 @@ def test_restore_best_epoch_keeps_the_epoch_of_best_validation_recall(pfd_run, m
     assert len(stopped["history"]) == 3 and stopped["selected_epoch"] == 1
 
 
+def test_refit_trains_the_selected_epochs_again_on_train_and_valid(pfd_run, monkeypatch):
+    """train.refit=train_valid: valid Recall@50 scripted to peak at epoch 1 of 3, so the
+    refit trains 2 epochs, on train + valid (more steps per epoch), without validating;
+    its model is the result's checkpoint, test metrics and the published last.pt, while
+    the selection's history and epoch are kept."""
+    import torch
+
+    from orchestration import pipeline
+    from rec_models.training import loop as train
+    from rec_models.training.validation import RetrievalValidation
+    from rec_models.config import load_config
+
+    tmp, _ = pfd_run
+    cfg = load_config(method="dssm", overrides=[f"warehouse.root={tmp / 'wh'}", f"run.output_dir={tmp / 'runs'}",
+                                                *SMALL, "train.refit=train_valid", "train.num_threads=1"])
+    spec = pipeline.load_spec(cfg)
+    files = pipeline.training_files(cfg, spec)
+    scripted = iter([0.21, 0.25, 0.23])
+    real_retrieval = RetrievalValidation.__call__
+    monkeypatch.setattr(RetrievalValidation, "__call__", lambda self, student, device: {
+        **real_retrieval(self, student, device), "student_recall@50": next(scripted)})
+    out = tmp / "runs" / "refit"
+    result = pipeline.train(cfg, spec, "dssm", str(out), "r")
+
+    assert result["selected_epoch"] == 1 and len(result["history"]) == 3
+    refit = result["refit"]
+    assert refit["epochs"] == 2 and len(refit["history"]) == 2
+    assert not any(k.startswith("valid_") for h in refit["history"] for k in h)   # valid is training data now
+    steps_per_epoch = result["history"][0]["steps"]
+    assert refit["history"][0]["steps"] > steps_per_epoch   # train + valid rows
+    import os
+
+    with open(os.path.join(os.path.dirname(refit["selection_checkpoint"]), "metrics.json")) as fh:
+        selection_seconds = json.load(fh)["train_seconds"]
+    assert result["train_seconds"] == pytest.approx(selection_seconds + refit["train_seconds"])
+    assert refit["train_seconds"] > 0
+    served = train.load_checkpoint(result["checkpoint"])
+    selected = train.load_checkpoint(refit["selection_checkpoint"])
+    assert served["epoch"] == 1 and selected["epoch"] == 1
+    assert any(not torch.equal(served["model"][n], v) for n, v in selected["model"].items())
+    published = train.load_checkpoint(str(out / "checkpoints" / "last.pt"))
+    for name, value in served["model"].items():
+        assert torch.equal(published["model"][name], value), name
+    model = train.load_trained(result["checkpoint"])[0]
+    assert result["test"] == pytest.approx(train.evaluate(model, files["test"], spec, cfg, torch.device("cpu")))
+    assert refit["selection_test"] != result["test"]
+
+
 def test_torch_distributor_backend_trains_two_ranks(pfd_run, capsys):
     """Same job, Spark's TorchDistributor with 2 gloo processes; its checkpoint loads locally."""
     from jobs import train_teacher

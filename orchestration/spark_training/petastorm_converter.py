@@ -66,9 +66,10 @@ def _typed_columns(df, spec: FeatureSpec, columns: list[str]):
 
 
 def make_train_converter(spark, cfg: Config, spec: FeatureSpec, columns: list[str], cache_dir: str,
-                         world_size: int = 1):
-    """The train split of the samples table (the spec's pinned version), ``columns`` only,
-    materialised by Petastorm under ``cache_dir``. Driver only (needs Spark)."""
+                         world_size: int = 1, splits: tuple[str, ...] = ("train",)):
+    """The training ``splits`` of the samples table (the spec's pinned version; train + valid
+    for ``train.refit``), ``columns`` only, materialised by Petastorm under ``cache_dir``.
+    Driver only (needs Spark)."""
     require_petastorm()
     try:
         from petastorm.spark import SparkDatasetConverter, make_spark_converter
@@ -76,7 +77,7 @@ def make_train_converter(spark, cfg: Config, spec: FeatureSpec, columns: list[st
         raise PetastormUnavailableError(f"train.loader=petastorm: petastorm.spark does not import here "
                                         f"({type(exc).__name__}: {exc}); use train.loader=arrow") from None
 
-    df = delta_io.read_table(spark, cfg.warehouse.uri("samples"), columns, [("split", "=", "train")],
+    df = delta_io.read_table(spark, cfg.warehouse.uri("samples"), columns, [("split", "in", list(splits))],
                              pinned_version(spec, "samples"))
     df = _typed_columns(df, spec, columns)
     if world_size > 1:
@@ -101,7 +102,8 @@ def petastorm_job(job: TrainJob, cfg: Config, spec: FeatureSpec, spark=None) -> 
 
     spark = spark or get_spark(cfg.spark)
     cache_dir = cfg.train.petastorm_cache_dir or os.path.join(job.out_dir, "petastorm_cache")
-    converter = make_train_converter(spark, cfg, spec, model_columns(spec), cache_dir, _world_size(cfg))
+    splits = ("train", "valid") if job.refit_epochs is not None else ("train",)   # as job.files["train"]
+    converter = make_train_converter(spark, cfg, spec, model_columns(spec), cache_dir, _world_size(cfg), splits)
     try:
         fields = {f.name: getattr(job, f.name) for f in dataclasses.fields(job) if f.init}
         yield PetastormTrainJob(**{**fields, "converter": converter})

@@ -55,6 +55,9 @@ class TrainJob:
     teacher_checkpoint: Optional[str] = None
     teachers: dict[str, str] = field(default_factory=dict)
     tags: dict = field(default_factory=dict)
+    # train.refit=train_valid's second training: exactly this many epochs on files["train"]
+    # (train + valid), no validation, no epoch selection (orchestration.pipeline.train)
+    refit_epochs: Optional[int] = None
 
 
 def build_model(kind: str, spec: FeatureSpec, cfg: Config, teacher_checkpoint: Optional[str] = None,
@@ -127,9 +130,10 @@ def _train(job: TrainJob, cfg: Config, spec: FeatureSpec, collective: distribute
                               "training has none (files['items']): build the features with jobs/build_features.py, "
                               "or set student.objective=sampled_softmax")
         model.item_bank = load_item_bank(job.files["items"], spec, list(model.student.item_input_names))
+    refit = job.refit_epochs is not None   # valid is in the training files: nothing to validate on
     # rank 0 selects a student's epochs by valid retrieval over the whole catalogue
     retrieval = RetrievalValidation(job.files, spec, model.student, cfg) \
-        if rank == 0 and "items" in job.files and has_towers(model) else None
+        if rank == 0 and not refit and "items" in job.files and has_towers(model) else None
     step_module = _LossModule(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=tc.lr, weight_decay=tc.weight_decay)
@@ -158,7 +162,7 @@ def _train(job: TrainJob, cfg: Config, spec: FeatureSpec, collective: distribute
         _set_rng_state(ckpt["rng"], device)
         if rank == 0:
             log.info("train.resume=auto: run %s continues after epoch %d from %s", run_id, epoch, resumed)
-    for epoch in range(start, 0 if stopped else tc.epochs):
+    for epoch in range(start, 0 if stopped else (job.refit_epochs if refit else tc.epochs)):
         model.train()
         loader.set_epoch(epoch)
         sums: dict[str, float] = {}
@@ -176,10 +180,11 @@ def _train(job: TrainJob, cfg: Config, spec: FeatureSpec, collective: distribute
                 log.info("epoch %d step %d %s", epoch, step, " ".join(f"{k}={v:.4f}" for k, v in logs.items()))
         train_seconds += time.perf_counter() - t0
         record = {"epoch": epoch, "steps": step, **{f"train_{k}": v / max(1, len(loader)) for k, v in sums.items()}}
-        if rank == 0:
+        if rank == 0 and not refit:
             record.update({f"valid_{k}": v for k, v in evaluate(model, job.files["valid"], spec, cfg, device).items()})
             if retrieval is not None:
                 record.update({f"valid_{k}": v for k, v in retrieval(model.student, device).items()})
+        if rank == 0:
             log.info("epoch %d: %s", epoch, json.dumps(record))
         history.append(record)
         key = _selection_metric(record, cfg.eval.select_k)   # None on ranks > 0: they do not evaluate
@@ -212,7 +217,7 @@ def _train(job: TrainJob, cfg: Config, spec: FeatureSpec, collective: distribute
         final = os.path.join(ckpt_dir, "last.pt")
         save_checkpoint(final, model, optimizer, selected, step, job)
         # checkpoints/last.pt: the last finished run's model, where jobs/evaluate.py looks
-        _publish(final, os.path.join(job.out_dir, "checkpoints", "last.pt"))
+        publish_checkpoint(final, os.path.join(job.out_dir, "checkpoints", "last.pt"))
         result = {
             "kind": job.kind, "checkpoint": final, "history": history, "selected_epoch": selected,
             "train_seconds": train_seconds, "steps": step, "world_size": world,
@@ -333,6 +338,8 @@ def run_fingerprint(job: TrainJob) -> str:
     config.get("train", {}).pop("resume", None)
     payload = {"kind": job.kind, "config": config, "spec_json": job.spec_json, "teachers": job.teachers,
                "teacher_checkpoint": job.teacher_checkpoint}
+    if job.refit_epochs is not None:   # left out otherwise: fingerprints of earlier runs still match
+        payload["refit_epochs"] = job.refit_epochs
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -385,7 +392,7 @@ def _set_rng_state(state: dict, device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def _publish(src: str, dst: str) -> None:
+def publish_checkpoint(src: str, dst: str) -> None:
     """``dst`` becomes a copy of ``src`` (a hard link where possible), atomically."""
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(dst), suffix=".tmp")
     os.close(fd)
