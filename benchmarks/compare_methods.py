@@ -16,6 +16,12 @@ With ``eval.baselines`` (default true), per seed also the rows of ``orchestratio
 most_popular (train clicks), als and bpr (``implicit``; settings chosen on valid Recall@50,
 refit on train + valid, seeded by run.seed), scored on the same test clicks by the same
 retrieval code; AUC/LogLoss do not apply ('-'), "train s" is the refit's seconds.
+
+With ``--set train.refit=train_valid`` the methods are refit the same way (each at its
+selected epoch count, ``orchestration.pipeline.refit_on_valid``): their test columns are
+the refit model's, a "train-only recall@50" column keeps the selected model's, and the
+1.1x line compares with the refit ALS only. ``--conf FILE`` merges an extra conf file
+(e.g. a changed feature list) before the ``--set`` overrides.
 """
 from __future__ import annotations
 
