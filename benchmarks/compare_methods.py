@@ -1,7 +1,7 @@
 """Train every method on the same data and tabulate them (Markdown + JSON).
 
     .venv/bin/python benchmarks/compare_methods.py [--dataset synthetic] [--methods dssm,pfd,...]
-        [--seeds 1,2,3] [--out results/compare] [--set key=value ...]
+        [--seeds 1,2,3] [--out results/compare] [--set key=value ...] [--set-for METHOD:key=value ...]
 
 One feature build; per seed, the frozen teachers (cross-encoder, ColBERT) trained once and
 shared, then each method through the same pipeline as ``jobs/distill.py`` (its embeddings written
@@ -21,7 +21,8 @@ With ``--set train.refit=train_valid`` the methods are refit the same way (each 
 selected epoch count, ``orchestration.pipeline.refit_on_valid``): their test columns are
 the refit model's, a "train-only recall@50" column keeps the selected model's, and the
 1.1x line compares with the refit ALS only. ``--conf FILE`` merges an extra conf file
-(e.g. a changed feature list) before the ``--set`` overrides.
+(e.g. a changed feature list) before the ``--set`` overrides; ``--set-for METHOD:key=value``
+overrides one method only (its own validation-chosen setting), after them.
 """
 from __future__ import annotations
 
@@ -53,6 +54,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="results/compare_methods")
     p.add_argument("--conf", action="append", default=[], metavar="FILE", help="extra conf file, merged before --set")
     p.add_argument("--set", action="append", default=[], dest="overrides")
+    p.add_argument("--set-for", action="append", default=[], dest="method_overrides", metavar="METHOD:KEY=VALUE",
+                   help="an override of one method only (after --set), e.g. its own validation-chosen setting")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     methods = [m for m in args.methods.split(",") if m]
@@ -60,6 +63,15 @@ def main(argv=None) -> int:
     if unknown:
         print(f"error: unknown method(s) {unknown}; known: {sorted(METHODS)}", file=sys.stderr)
         return 2
+    per_method = {}
+    for item in args.method_overrides:
+        name, sep, override = item.partition(":")
+        if not sep or name not in methods or "=" not in override:
+            print(f"error: --set-for '{item}' is not METHOD:key=value with METHOD one of {methods}", file=sys.stderr)
+            return 2
+        per_method.setdefault(name, []).append(override)
+    for name, extra in per_method.items():   # a bad key or value stops the run before any work
+        load_config(dataset=args.dataset, method=name, files=args.conf, overrides=[*args.overrides, *extra])
     seeds = [int(s) for s in args.seeds.split(",") if s]
     base = load_config(dataset=args.dataset, files=args.conf, overrides=args.overrides)
     spark = get_spark(base.spark)
@@ -68,7 +80,8 @@ def main(argv=None) -> int:
     rows, teacher_auc = [], {}
     for seed in seeds:
         seed_rows, seed_teachers = run_seed(spark, args.dataset, methods, [*args.overrides, f"run.seed={seed}",
-                                                                          f"run.version=seed{seed}"], args.conf)
+                                                                          f"run.version=seed{seed}"], args.conf,
+                                             per_method)
         rows += [{**r, "seed": seed} for r in seed_rows]
         for name, value in seed_teachers.items():
             teacher_auc.setdefault(name, []).append(value)
@@ -82,6 +95,7 @@ def main(argv=None) -> int:
               "against_baselines": against_baselines(summary, refit=base.train.refit == "train_valid"),
               "machine": f"{os.cpu_count()} cores", "select_k": base.eval.select_k, "objective": base.student.objective,
               "backend": base.train.backend, "epochs": base.train.epochs, "refit": base.train.refit,
+              "method_overrides": per_method,
               "wall_seconds": time.time() - started}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out + ".json", "w") as fh:
@@ -99,10 +113,11 @@ def objective_of(method: str, cfg) -> str:
     return cfg.student.objective if method in follows else ("sampled_softmax" if method == "youtube_dnn" else "own")
 
 
-def run_seed(spark, dataset, methods: list[str], overrides: list[str],
-             files: tuple[str, ...] = ()) -> tuple[list[dict], dict[str, float]]:
+def run_seed(spark, dataset, methods: list[str], overrides: list[str], files: tuple[str, ...] = (),
+             per_method: dict[str, list[str]] | None = None) -> tuple[list[dict], dict[str, float]]:
     """Shared teachers, then every method, all with one run.seed (gains are paired per seed
-    with the method's undistilled student in ``paired_tests``)."""
+    with the method's undistilled student in ``paired_tests``); ``per_method``: overrides of
+    one method only, after the shared ones."""
     from rec_models.training.loop import teacher_config
 
     base = load_config(dataset=dataset, files=files, overrides=overrides)
@@ -120,7 +135,8 @@ def run_seed(spark, dataset, methods: list[str], overrides: list[str],
     rows = []
     for m in methods:
         cfg = load_config(dataset=dataset, method=m, files=files, overrides=[
-            *overrides, f"run.name={m}", "distill.train_baseline=false", "eval.baselines=false",
+            *overrides, *(per_method or {}).get(m, ()), f"run.name={m}", "distill.train_baseline=false",
+            "eval.baselines=false",
             *[f"distill.teachers.{t}={path}" for t, path in teachers.items()]])
         out = pipeline.run_method(spark, cfg, m)
         metrics = out["metrics"]
@@ -238,7 +254,8 @@ def markdown(report: dict) -> str:
              f"{report['epochs']} epochs, each model at its best validation epoch (students: valid "
              f"Recall@{report.get('select_k', 50)} over the catalogue; teachers: valid AUC)"
              f"{', then refit on train + valid for that many epochs (train.refit=train_valid)' if refit else ''}; "
-             f"{report['machine']}; "
+             + "".join(f"{m} also with {', '.join(o)}; " for m, o in report.get("method_overrides", {}).items())
+             + f"{report['machine']}; "
              f"teachers' test AUC: {teachers}", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 

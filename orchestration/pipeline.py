@@ -8,7 +8,6 @@ Where the stages find each other's outputs (run folders, pinned feature tables):
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 from typing import Optional
@@ -90,11 +89,10 @@ def refit_on_valid(job, cfg: Config, spec: FeatureSpec, selection: dict) -> dict
     from rec_models.training.loop import publish_checkpoint
 
     epochs = int(selection["selected_epoch"]) + 1
-    files = {**job.files, "train": [*job.files["train"], *job.files["valid"]]}
     refit_dir = os.path.join(job.out_dir, "refit")
     os.makedirs(refit_dir, exist_ok=True)
     log.info("train.refit=train_valid: %s again on train + valid for %d epochs (selected on valid)", job.kind, epochs)
-    refit = _run_job(dataclasses.replace(job, files=files, out_dir=refit_dir, refit_epochs=epochs), cfg, spec)
+    refit = _run_job(job.as_refit(epochs, refit_dir), cfg, spec)
     result = {**refit, "history": selection["history"], "selected_epoch": selection["selected_epoch"],
               "train_seconds": selection["train_seconds"] + refit["train_seconds"],
               "refit": {"epochs": epochs, "train_seconds": refit["train_seconds"], "history": refit["history"],

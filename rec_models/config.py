@@ -452,24 +452,56 @@ def load_config(
             raise ConfigError(f"override '{item}' is not of the form key=value")
         if item.split("=", 1)[0].strip() == "profile":
             raise ConfigError("the profile is chosen with --profile NAME, not an override")
-    dotlists = []
+    dotlists, by_name = [], []
     for item in overrides:   # one at a time, so that the error names the override
+        key, value = item.split("=", 1)
         try:
-            dotlists.append(OmegaConf.from_dotlist([item]))
+            if _NAMED_KEY.search(key):   # a list element by its name: the value parsed as any override's
+                by_name.append((item, OmegaConf.from_dotlist([f"value={value}"])["value"]))
+            else:
+                dotlists.append(OmegaConf.from_dotlist([item]))
         except (OmegaConfBaseException, ValueError, yaml.YAMLError) as exc:
             detail = " ".join(str(exc).split())
             raise ConfigError(f"bad override '{item}' (--set): {detail}") from None
     try:
         merged = OmegaConf.merge(*layers, *dotlists, {"profile": chosen["profile"]})
+        for item, value in by_name:   # after the plain ones: the list they address is complete
+            OmegaConf.update(merged, _indexed_key(merged, item), value, merge=True)
         raw = OmegaConf.to_container(merged, resolve=True)
     except OmegaConfBaseException as exc:
         detail = " ".join(str(exc).split())
         raise ConfigError(f"cannot merge the conf layers and overrides: {detail}") from None
     except TypeError as exc:   # OmegaConf's own for a key path through a list, e.g. features.4.max_len
         raise ConfigError(f"cannot merge the conf layers and overrides {list(overrides)}: {exc}; an override "
-                          "cannot index into a list (such as data.feature_spec.features): give the whole "
-                          "changed list in an extra conf file (--conf FILE)") from None
+                          "cannot index into a list (such as data.feature_spec.features) by position: name "
+                          "the element, e.g. data.feature_spec.features[hist_item_ids].max_len=50, or give "
+                          "the whole changed list in an extra conf file (--conf FILE)") from None
     return validate_config(raw)
+
+
+_NAMED_KEY = re.compile(r"\[([^\[\]=]+)\]")
+
+
+def _indexed_key(merged, item: str) -> str:
+    """``a.list[name].key`` of an override as OmegaConf's ``a.list.<index>.key``: the index
+    of the list element whose ``name`` is ``name`` (the notation of validation errors)."""
+    key = item.split("=", 1)[0].strip()
+    parts, node, start = [], merged, 0
+    for m in _NAMED_KEY.finditer(key):
+        path = [p for p in key[start:m.start()].split(".") if p]
+        node = OmegaConf.select(node, ".".join(path)) if path else node
+        where = ".".join([*parts, *path])
+        if not OmegaConf.is_list(node):
+            raise ConfigError(f"bad override '{item}' (--set): {where} is not a list, so [{m.group(1)}] names nothing")
+        names = [e.get("name") if OmegaConf.is_dict(e) else None for e in node]
+        if m.group(1) not in names:
+            raise ConfigError(f"bad override '{item}' (--set): {where} has no element named '{m.group(1)}'; "
+                              f"its names: {', '.join(str(n) for n in names if n is not None)}")
+        index = names.index(m.group(1))
+        parts += [*path, str(index)]
+        node, start = node[index], m.end()
+    rest = [p for p in key[start:].split(".") if p]
+    return ".".join([*parts, *rest])
 
 
 def validate_config(raw: dict) -> Config:

@@ -66,3 +66,36 @@ def test_paired_tests_pair_each_method_with_its_undistilled_student():
     auc = tests[("pfd", "student_auc")]
     assert auc["seeds"] == 3 and auc["gap_closed"] == pytest.approx(0.02 / (0.80 - 0.62))
     assert ("dssm", "recall@50") not in tests   # a baseline is not paired with anything
+
+
+def test_set_for_reaches_only_its_method(monkeypatch):
+    from benchmarks import compare_methods
+    from orchestration import pipeline
+
+    seen = {}
+
+    def run_method(spark, cfg, method):
+        seen[method] = cfg.student.temperature
+        return {"metrics": {"student": {}}, "train_seconds": 0.0, "selected_epoch": 0, "valid": {}}
+
+    monkeypatch.setattr(pipeline, "load_spec", lambda cfg: None)
+    monkeypatch.setattr(pipeline, "run_method", run_method)
+    rows, _ = compare_methods.run_seed(None, "synthetic", ["dssm", "pfd"], ["eval.baselines=false"],
+                                       per_method={"pfd": ["student.temperature=0.01"]})
+    assert seen == {"dssm": 0.02, "pfd": 0.01} and [r["method"] for r in rows] == ["dssm", "pfd"]
+
+
+@pytest.mark.parametrize("item", ["youtube_dnn:train.epochs=2", "pfd", "pfd:train.epochs"])
+def test_bad_set_for_stops_before_any_work(item, capsys):
+    from benchmarks import compare_methods
+
+    assert compare_methods.main(["--methods", "dssm,pfd", "--set-for", item]) == 2
+    assert item in capsys.readouterr().err
+
+
+def test_set_for_with_a_bad_key_is_a_config_error_naming_it():
+    from benchmarks import compare_methods
+    from rec_models.config import ConfigError
+
+    with pytest.raises(ConfigError, match="student.temperatur"):
+        compare_methods.main(["--methods", "dssm,pfd", "--set-for", "pfd:student.temperatur=0.01"])

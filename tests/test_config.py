@@ -194,9 +194,31 @@ def test_bad_refit_names_the_key_and_the_choices():
     assert load_config().train.refit == "none"
 
 
-def test_override_indexing_a_list_is_a_config_error_pointing_to_a_conf_file():
+def test_override_indexing_a_list_by_position_is_a_config_error_pointing_to_the_named_form():
     msg = _error(dataset="ml100k", overrides=["data.feature_spec.features.4.max_len=50"])
-    assert "data.feature_spec.features.4.max_len=50" in msg and "--conf" in msg
+    assert "data.feature_spec.features.4.max_len=50" in msg and "features[hist_item_ids]" in msg and "--conf" in msg
+
+
+def test_override_names_a_feature_of_the_list_and_changes_only_that_one():
+    default = load_config(dataset="ml100k").data.feature_spec.features
+    cfg = load_config(dataset="ml100k", overrides=["data.feature_spec.features[hist_item_ids].max_len=50",
+                                                   "data.feature_spec.features[genres].max_len=3"])
+    changed = {f.name: f for f in cfg.data.feature_spec.features}
+    assert changed["hist_item_ids"].max_len == 50 and changed["genres"].max_len == 3
+    assert [f.name for f in cfg.data.feature_spec.features] == [f.name for f in default]
+    assert [f for f in cfg.data.feature_spec.features if f.name not in ("hist_item_ids", "genres")] == \
+        [f for f in default if f.name not in ("hist_item_ids", "genres")]
+
+
+@pytest.mark.parametrize("override, fragments", [
+    ("data.feature_spec.features[hist_items].max_len=50", ["no element named 'hist_items'", "hist_item_ids"]),
+    ("data.split[valid].fraction=0.2", ["data.split is not a list"]),
+    ("data.feature_spec.features[hist_item_ids].max_len=many", ["features[hist_item_ids].max_len", "integer"]),
+    ("data.feature_spec.features[hist_item_ids].maxlen=5", ["features[hist_item_ids].maxlen", "unknown key"]),
+])
+def test_bad_named_override_names_what_is_wrong(override, fragments):
+    msg = _error(dataset="ml100k", overrides=[override])
+    assert all(f in msg for f in fragments), msg
 
 
 def test_override_without_equals():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pyarrow as pa
@@ -223,6 +224,18 @@ def test_restore_best_epoch_keeps_the_epoch_of_best_validation_recall(pfd_run, m
     assert len(stopped["history"]) == 3 and stopped["selected_epoch"] == 1
 
 
+def test_a_refit_job_trains_on_the_train_and_valid_files_and_keeps_the_rest():
+    from rec_models.training.loop import TrainJob
+
+    job = TrainJob(kind="dssm", config={}, spec_json="{}", out_dir="runs/a",
+                   files={"train": ["t0", "t1"], "valid": ["v0"], "test": ["s0"], "items": ["i0"]})
+    assert job.train_splits == ("train",)
+    refit = job.as_refit(3, "runs/a/refit")
+    assert refit.train_splits == ("train", "valid") and refit.refit_epochs == 3 and refit.out_dir == "runs/a/refit"
+    assert refit.files == {"train": ["t0", "t1", "v0"], "valid": ["v0"], "test": ["s0"], "items": ["i0"]}
+    assert job.files["train"] == ["t0", "t1"] and job.refit_epochs is None   # the selection job is left as it was
+
+
 def test_refit_trains_the_selected_epochs_again_on_train_and_valid(pfd_run, monkeypatch):
     """train.refit=train_valid: valid Recall@50 scripted to peak at epoch 1 of 3, so the
     refit trains 2 epochs, on train + valid (more steps per epoch), without validating;
@@ -253,8 +266,6 @@ def test_refit_trains_the_selected_epochs_again_on_train_and_valid(pfd_run, monk
     assert not any(k.startswith("valid_") for h in refit["history"] for k in h)   # valid is training data now
     steps_per_epoch = result["history"][0]["steps"]
     assert refit["history"][0]["steps"] > steps_per_epoch   # train + valid rows
-    import os
-
     with open(os.path.join(os.path.dirname(refit["selection_checkpoint"]), "metrics.json")) as fh:
         selection_seconds = json.load(fh)["train_seconds"]
     assert result["train_seconds"] == pytest.approx(selection_seconds + refit["train_seconds"])

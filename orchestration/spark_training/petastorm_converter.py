@@ -102,8 +102,8 @@ def petastorm_job(job: TrainJob, cfg: Config, spec: FeatureSpec, spark=None) -> 
 
     spark = spark or get_spark(cfg.spark)
     cache_dir = cfg.train.petastorm_cache_dir or os.path.join(job.out_dir, "petastorm_cache")
-    splits = ("train", "valid") if job.refit_epochs is not None else ("train",)   # as job.files["train"]
-    converter = make_train_converter(spark, cfg, spec, model_columns(spec), cache_dir, _world_size(cfg), splits)
+    converter = make_train_converter(spark, cfg, spec, model_columns(spec), cache_dir, _world_size(cfg),
+                                     job.train_splits)
     try:
         fields = {f.name: getattr(job, f.name) for f in dataclasses.fields(job) if f.init}
         yield PetastormTrainJob(**{**fields, "converter": converter})

@@ -20,7 +20,7 @@ import random
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Optional
 
 import numpy as np
@@ -58,6 +58,16 @@ class TrainJob:
     # train.refit=train_valid's second training: exactly this many epochs on files["train"]
     # (train + valid), no validation, no epoch selection (orchestration.pipeline.train)
     refit_epochs: Optional[int] = None
+
+    @property
+    def train_splits(self) -> tuple[str, ...]:
+        """The sample splits this job trains on: a refit's valid rows are training rows too."""
+        return ("train", "valid") if self.refit_epochs is not None else ("train",)
+
+    def as_refit(self, epochs: int, out_dir: str) -> "TrainJob":
+        """This job trained again for ``epochs`` on its ``train_splits`` as a refit (train + valid)."""
+        job = replace(self, out_dir=out_dir, refit_epochs=epochs)
+        return replace(job, files={**self.files, "train": [f for s in job.train_splits for f in self.files[s]]})
 
 
 def build_model(kind: str, spec: FeatureSpec, cfg: Config, teacher_checkpoint: Optional[str] = None,
