@@ -32,11 +32,12 @@ import pandas as pd
 import pyarrow.compute as pc
 from pyspark.sql import functions as F
 
-from etl import delta_io, synthetic
+from etl import synthetic
 from etl.randomness import normal
 from etl.spark import get_spark
 from orchestration import pipeline
 from orchestration.artifacts import load_spec, pinned_version
+from orchestration.baselines import entity_keys
 from orchestration.evaluation import click_keys, positive_pairs, split_files
 from rec_models.config import load_config
 from rec_models.serving.retrieval import retrieval_from_arrays
@@ -63,8 +64,7 @@ def main(argv=None) -> int:
     pipeline.ensure_features(spark, cfg)
     spec = load_spec(cfg)
     version = pinned_version(spec, "samples")
-    user_ids = _keys(cfg, "user_features", "user_key", pinned_version(spec, "user_features"))
-    item_ids = _keys(cfg, "item_features", "item_key", pinned_version(spec, "item_features"))
+    user_ids, item_ids = entity_keys(cfg, spec)
     label, ts = cfg.spec.label.name, cfg.spec.keys.timestamp
     seen = np.unique(np.concatenate([click_keys(split_files(cfg, s, version), label, user_ids, item_ids)
                                      for s in ("train", "valid")]))
@@ -88,11 +88,6 @@ def main(argv=None) -> int:
         fh.write(_markdown(rows))
     print(_markdown(rows))
     return 0
-
-
-def _keys(cfg, table: str, column: str, version) -> pd.Index:
-    keys = delta_io.read_arrow(cfg.warehouse.uri(table), [column], version=version).column(column)
-    return pd.Index(keys.to_pylist())
 
 
 def _span(files: list[str], ts: str) -> tuple[float, float]:

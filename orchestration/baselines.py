@@ -44,8 +44,7 @@ def retrieval_baselines(cfg: Config, models: tuple[str, ...] = ("most_popular", 
         raise ConfigError(f"unknown retrieval baseline(s) {unknown}; known: most_popular, {', '.join(GRIDS)}")
     spec = load_spec(cfg)
     samples_version = pinned_version(spec, "samples")
-    user_ids = _keys(cfg, "user_features", "user_key", pinned_version(spec, "user_features"))
-    item_ids = _keys(cfg, "item_features", "item_key", pinned_version(spec, "item_features"))
+    user_ids, item_ids = entity_keys(cfg, spec)
     n_users, n_items, label = len(user_ids), len(item_ids), cfg.spec.label.name
     clicks = {s: click_keys(split_files(cfg, s, samples_version), label, user_ids, item_ids)
               for s in ("train", "valid")}
@@ -84,6 +83,13 @@ def retrieval_baselines(cfg: Config, models: tuple[str, ...] = ("most_popular", 
         log.info("baseline %s in %.1fs: %s", name, time.perf_counter() - started,
                  {k: round(v, 4) for k, v in out[name].items() if k.startswith("recall@")})
     return out
+
+
+def entity_keys(cfg: Config, spec) -> tuple[pd.Index, pd.Index]:
+    """The user and item keys of the feature tables at the versions ``spec`` pins, as
+    strings (the embedding tables' ``id``), in table order: the rows of a score matrix."""
+    return tuple(_keys(cfg, f"{side}_features", f"{side}_key", pinned_version(spec, f"{side}_features"))
+                 for side in ("user", "item"))
 
 
 def _keys(cfg: Config, table: str, column: str, version: Optional[int]) -> pd.Index:

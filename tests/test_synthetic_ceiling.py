@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pytest
 from pyspark.sql import functions as F
 
 from benchmarks.synthetic_ceiling import taste_at
@@ -36,3 +37,28 @@ def test_redrawn_taste_and_affinity_explain_the_dwell_as_the_generator_drew_it(s
 def test_the_taste_of_another_period_does_not(spark):
     residual = _clicks_with_redraws(spark, shift_days=synthetic.TASTE_PERIOD_DAYS)
     assert residual.std() > 0.6   # the redrawn part of the wrong period adds its own variance
+
+
+@pytest.mark.slow
+def test_the_ceiling_script_reports_every_ranking_on_a_small_generator(spark, tmp_path):
+    import json
+
+    from benchmarks import synthetic_ceiling
+
+    out = tmp_path / "ceiling"
+    assert synthetic_ceiling.main([
+        "--out", str(out), "--set", f"warehouse.root={tmp_path / 'wh'}", "--set", f"run.output_dir={tmp_path / 'runs'}",
+        "--set", "tracking.enabled=false", "--set", "data.source.synthetic.n_users=400",
+        "--set", "data.source.synthetic.n_items=300", "--set", "data.source.synthetic.n_events=30000"]) == 0
+    rows = json.loads((tmp_path / "ceiling.json").read_text())["rows"]
+    assert len(rows) == 5 and all(0 < r["recall@50"] <= 1 for r in rows.values())
+    full, click_only = rows["generator: shown x click (taste at test time)"], \
+        rows["generator, P(click) alone (exposure left out)"]
+    assert full["recall@50"] > click_only["recall@50"]   # who is shown what carries much of the signal
+
+
+def test_the_ceiling_refuses_data_it_cannot_redraw(capsys):
+    from benchmarks import synthetic_ceiling
+
+    assert synthetic_ceiling.main(["--set", "data.source.synthetic.n_users=100000000"]) == 2
+    assert "pairs exceed" in capsys.readouterr().err
