@@ -144,23 +144,30 @@ def _empty_value(f: Feature, priors: dict[str, Column], label: str) -> Column:
     return F.lit(0.0)
 
 
+def _in_history(feature: Feature, label: str) -> Column:
+    """The rows a history sequence holds: logged events (never sampled negatives), and of
+    those only the clicks unless ``history_of: events``."""
+    return F.col("is_event") if feature.history_of == "events" else F.col("is_event") & (F.col(label) == 1)
+
+
 def add_history(rows: DataFrame, feature: Feature, ts: str, label: str, item_index: str, lookback: int) -> DataFrame:
-    """Clicked items before each row, oldest first, the last ``max_len`` of them.
+    """Clicked items (``history_of: events``: items of any event) before each row, oldest
+    first, the last ``max_len`` of them.
 
     The frame scans the previous ``lookback`` rows of the user (bounded work per row);
     the filter on the timestamp keeps only events strictly earlier than the row.
     """
     w = (Window.partitionBy("user_key").orderBy(ts, "row_id").rowsBetween(-lookback, -1))
-    clicked = F.when(F.col("is_event") & (F.col(label) == 1), F.struct(F.col(ts).alias("t"), F.col(item_index).alias("i")))
+    clicked = F.when(_in_history(feature, label), F.struct(F.col(ts).alias("t"), F.col(item_index).alias("i")))
     past = F.collect_list(clicked).over(w)
     items = F.transform(F.filter(past, lambda x: x["t"] < F.col(ts)), lambda x: x["i"])
     return rows.withColumn(feature.name, pad_list(items, feature.max_len))
 
 
 def history_as_of(rows: DataFrame, feature: Feature, ts: str, label: str, item_index: str, as_of: Column) -> DataFrame:
-    """(user_key, sequence) of the last ``max_len`` clicks before ``as_of`` (a column of
-    ``rows``: the cut may differ per user), for serving."""
-    recent = (rows.where(F.col("is_event") & (F.col(label) == 1) & (F.col(ts) < as_of))
+    """(user_key, sequence) of the last ``max_len`` clicks (or events, as ``add_history``)
+    before ``as_of`` (a column of ``rows``: the cut may differ per user), for serving."""
+    recent = (rows.where(_in_history(feature, label) & (F.col(ts) < as_of))
               .withColumn("__rank", F.row_number().over(
                   Window.partitionBy("user_key").orderBy(F.desc(ts), F.desc("row_id"))))
               .where(F.col("__rank") <= feature.max_len))

@@ -9,7 +9,8 @@ Encoded column layout written by ETL (the loader and models rely on it):
 - ``categorical``: int32 index; 0 = padding / missing, 1 = out-of-vocabulary, 2.. = known.
 - ``multi_categorical``: array<int32> padded with 0 to ``max_len``.
 - ``sequence``: array<int32> of indices in the vocabulary of ``vocab_of``, padded with 0
-  to ``max_len``, oldest first; point-in-time (only events strictly before the sample).
+  to ``max_len``, oldest first; point-in-time (only events strictly before the sample);
+  ``history_of``: the user's clicks (default) or all of the user's logged events.
 - ``numeric``: float32 (``transform`` standard / log_standard / none) or, with
   ``bucketize``, an int32 bucket index (0 = missing, 1.. = buckets).
 - ``label`` / ``weight``: float32.
@@ -84,6 +85,9 @@ class Feature(_Strict):
     max_len: int = Field(1, ge=1)
     separator: str = "|"
     vocab_of: Optional[str] = None       # sequences: whose vocabulary (and embedding) they use
+    # sequences: the user's clicked items (None: clicks), or every item of the user's logged
+    # events (each impression, clicked or not: what the user was shown is known at serving)
+    history_of: Optional[Literal["clicks", "events"]] = None
     min_count: int = Field(1, ge=1)
     embedding_dim: Optional[int] = Field(None, ge=1)
     # filled by ETL
@@ -104,6 +108,8 @@ class Feature(_Strict):
                 raise ValueError(f"{where}: a sequence needs 'vocab_of' (the id feature it holds)")
             if self.role not in (Role.user, Role.privileged):
                 raise ValueError(f"{where}: a history sequence belongs to role user")
+        elif self.history_of is not None:
+            raise ValueError(f"{where}: history_of is for sequences (kind 'sequence'), not kind {self.kind.value}")
         if self.source == "derived" and self.derive not in PRIVILEGED_DERIVATIONS:
             raise ValueError(
                 f"{where}: unknown derivation {self.derive!r}; known: {', '.join(PRIVILEGED_DERIVATIONS)}")

@@ -46,7 +46,11 @@ def _tables(tmp_path, n_events=600, seed=0, user_ids_int=False):
     return paths, ev, users, items
 
 
-def _cfg(tmp_path, paths, extra=()):
+EVENT_HISTORY = {"name": "hist_shown_ids", "role": "user", "kind": "sequence", "source": "events",
+                 "vocab_of": "item_id", "max_len": 8, "history_of": "events"}
+
+
+def _cfg(tmp_path, paths, extra=(), features=()):
     overrides = [
         f"warehouse.root={tmp_path / 'wh'}",
         "data.source.type=tables",
@@ -63,7 +67,7 @@ def _cfg(tmp_path, paths, extra=()):
     # the hand-made users table has no 'activity' column: drop it from the spec
     raw = cfg.model_dump(mode="json")
     raw["data"]["feature_spec"]["features"] = [f for f in raw["data"]["feature_spec"]["features"]
-                                               if f["name"] != "activity"]
+                                               if f["name"] != "activity"] + list(features)
     from rec_models.config import validate_config
     return validate_config(raw)
 
@@ -72,7 +76,7 @@ def _cfg(tmp_path, paths, extra=()):
 def built(spark, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("etl")
     paths, ev, users, items = _tables(tmp)
-    cfg = _cfg(tmp, paths)
+    cfg = _cfg(tmp, paths, features=[EVENT_HISTORY])
     result = build_features(spark, cfg)
     samples = delta_io.read_arrow(cfg.warehouse.uri("samples")).to_pandas()
     return cfg, result, samples, ev, users, items
@@ -112,6 +116,33 @@ def test_history_holds_only_strictly_earlier_clicks(built):
         # the most recent clicks are kept (ties in time may order either way)
         if len(past) > max_len:
             assert set(hist) >= set(past[past.ts > past.ts.iloc[-max_len]].iid)
+
+
+def test_event_history_holds_every_strictly_earlier_event_clicked_or_not(built):
+    cfg, result, samples, ev, _, _ = built
+    inverse = {v: k for k, v in _item_vocab(samples).items()}
+    max_len = result.spec.get("hist_shown_ids").max_len
+    longer = 0
+    for _, row in samples.sample(60, random_state=1).iterrows():
+        past = ev[(ev.uid == row.user_key) & (ev.ts < row.timestamp)].sort_values("ts")
+        hist = [inverse[x] for x in row.hist_shown_ids if x != PAD_INDEX]
+        assert set(hist) <= set(past.iid) and len(hist) == min(max_len, len(past))
+        longer += len(hist) > len([x for x in row.hist_item_ids if x != PAD_INDEX])
+    assert longer > 0   # the non-clicked events are in it: longer than the click history
+    # the serving snapshot: events before the user's test start only
+    user_table = delta_io.read_arrow(cfg.warehouse.uri("user_features")).to_pandas()
+    test_start = samples[samples.split == "test"].timestamp.min()
+    for _, row in user_table.sample(10, random_state=0).iterrows():
+        before = ev[(ev.uid == row.user_key) & (ev.ts < test_start)]
+        hist = [inverse[x] for x in row.hist_shown_ids if x != PAD_INDEX]
+        assert set(hist) <= set(before.iid) and len(hist) == min(max_len, len(before))
+
+
+def test_history_of_is_only_for_sequences():
+    from rec_models.spec import Feature
+
+    with pytest.raises(ValueError, match="history_of is for sequences"):
+        Feature(name="age_group", role="user", kind="categorical", source="users", history_of="events")
 
 
 def _item_vocab(samples) -> dict:
