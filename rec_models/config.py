@@ -466,7 +466,7 @@ def load_config(
     try:
         merged = OmegaConf.merge(*layers, *dotlists, {"profile": chosen["profile"]})
         for item, value in by_name:   # after the plain ones: the list they address is complete
-            OmegaConf.update(merged, _indexed_key(merged, item), value, merge=True)
+            OmegaConf.update(merged, _indexed_key(merged, item, value), value, merge=True)
         raw = OmegaConf.to_container(merged, resolve=True)
     except OmegaConfBaseException as exc:
         detail = " ".join(str(exc).split())
@@ -482,9 +482,10 @@ def load_config(
 _NAMED_KEY = re.compile(r"\[([^\[\]=]+)\]")
 
 
-def _indexed_key(merged, item: str) -> str:
+def _indexed_key(merged, item: str, value) -> str:
     """``a.list[name].key`` of an override as OmegaConf's ``a.list.<index>.key``: the index
-    of the list element whose ``name`` is ``name`` (the notation of validation errors)."""
+    of the list element whose ``name`` is ``name`` (the notation of validation errors).
+    ``a.list[name]={...}`` with a name the list lacks appends an element of that name."""
     key = item.split("=", 1)[0].strip()
     parts, node, start = [], merged, 0
     for m in _NAMED_KEY.finditer(key):
@@ -494,8 +495,12 @@ def _indexed_key(merged, item: str) -> str:
         if not OmegaConf.is_list(node):
             raise ConfigError(f"bad override '{item}' (--set): {where} is not a list, so [{m.group(1)}] names nothing")
         names = [e.get("name") if OmegaConf.is_dict(e) else None for e in node]
+        if m.group(1) not in names and m.end() == len(key) and OmegaConf.is_dict(value):
+            node.append({"name": m.group(1)})   # a new element: the mapping is merged into it
+            names.append(m.group(1))
         if m.group(1) not in names:
-            raise ConfigError(f"bad override '{item}' (--set): {where} has no element named '{m.group(1)}'; "
+            raise ConfigError(f"bad override '{item}' (--set): {where} has no element named '{m.group(1)}' "
+                              f"(a mapping value, {key}={{...}}, would add one); "
                               f"its names: {', '.join(str(n) for n in names if n is not None)}")
         index = names.index(m.group(1))
         parts += [*path, str(index)]

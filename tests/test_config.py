@@ -210,6 +210,14 @@ def test_override_names_a_feature_of_the_list_and_changes_only_that_one():
         [f for f in default if f.name not in ("hist_item_ids", "genres")]
 
 
+def test_override_with_a_new_name_and_a_mapping_adds_that_element():
+    cfg = load_config(overrides=["data.feature_spec.features[hist_shown_ids]={role: user, kind: sequence, "
+                                 "source: events, vocab_of: item_id, max_len: 50, history_of: events}"])
+    added = cfg.data.feature_spec.features[-1]
+    assert (added.name, added.kind.value, added.max_len, added.history_of) == ("hist_shown_ids", "sequence", 50, "events")
+    assert len(cfg.data.feature_spec.features) == len(load_config().data.feature_spec.features) + 1
+
+
 @pytest.mark.parametrize("override, fragments", [
     ("data.feature_spec.features[hist_items].max_len=50", ["no element named 'hist_items'", "hist_item_ids"]),
     ("data.split[valid].fraction=0.2", ["data.split is not a list"]),
