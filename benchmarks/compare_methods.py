@@ -27,7 +27,6 @@ overrides one method only (its own validation-chosen setting), after them.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -39,6 +38,7 @@ from orchestration import pipeline
 from etl.spark import get_spark
 from rec_models.config import load_config
 from rec_models.methods import METHODS
+from rec_models.state_files import write_bytes_atomic, write_json_atomic
 
 BASELINES = ("most_popular", "als", "als_train", "bpr", "bpr_train")   # orchestration.baselines, rows beside the methods
 ORDER = ["dssm", "youtube_dnn", "colbert", "inttower", "mvke", "pfd", "kd", "endx", "trmd_student", "trmd",
@@ -86,9 +86,8 @@ def main(argv=None) -> int:
         for name, value in seed_teachers.items():
             teacher_auc.setdefault(name, []).append(value)
         # the rows so far, after every seed: a long run stopped midway keeps its finished seeds
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out + ".partial.json", "w") as fh:
-            json.dump({"seeds_done": sorted({r["seed"] for r in rows}), "rows": rows, "teachers": teacher_auc}, fh)
+        write_json_atomic(args.out + ".partial.json", {"seeds_done": sorted({r["seed"] for r in rows}), "rows": rows,
+                                                       "teachers": teacher_auc})
     summary = summarise(rows, [*methods, *(b for b in BASELINES if any(r["method"] == b for r in rows))])
     report = {"dataset": base.data.name, "seeds": seeds, "teachers": teacher_auc, "rows": rows,
               "summary": summary, "paired": paired_tests(rows),
@@ -97,12 +96,10 @@ def main(argv=None) -> int:
               "backend": base.train.backend, "epochs": base.train.epochs, "refit": base.train.refit,
               "method_overrides": per_method,
               "wall_seconds": time.time() - started}
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out + ".json", "w") as fh:
-        json.dump(report, fh, indent=2)
-    with open(args.out + ".md", "w") as fh:
-        fh.write(markdown(report))
-    print(markdown(report))
+    text = markdown(report)
+    write_json_atomic(args.out + ".json", report)
+    write_bytes_atomic(args.out + ".md", text.encode())
+    print(text)
     return 0
 
 

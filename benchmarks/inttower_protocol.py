@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import logging
 import os
 import platform
@@ -32,6 +31,7 @@ from etl.inttower_protocol import VARIANTS, load_inputs, prepare
 from etl.spark import get_spark
 from rec_models.config import load_config
 from rec_models.methods import METHODS
+from rec_models.state_files import write_bytes_atomic, write_json_atomic
 
 CITATION = ("X. Li, B. Chen, H. Guo, J. Li, C. Zhu, X. Long, S. Li, Y. Wang, W. Guo, L. Mao, J. Liu, "
             "Z. Dong, R. Tang. IntTower: the Next Generation of Two-Tower Model for Pre-Ranking System. "
@@ -124,12 +124,9 @@ def main(argv=None) -> int:
                     "load_avg_after": os.getloadavg()},
         "wall_seconds": time.time() - started,
     }
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out + ".json", "w") as fh:
-        json.dump(report, fh, indent=2)
     text = markdown(report)
-    with open(args.out + ".md", "w") as fh:
-        fh.write(text)
+    write_json_atomic(args.out + ".json", report)
+    write_bytes_atomic(args.out + ".md", text.encode())
     print(text)
     return 0
 

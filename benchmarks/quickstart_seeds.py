@@ -28,6 +28,7 @@ import numpy as np
 from etl.spark import get_spark
 from orchestration import pipeline
 from rec_models.config import load_config
+from rec_models.state_files import write_bytes_atomic, write_json_atomic
 
 METRIC = "recall@50"
 
@@ -59,12 +60,10 @@ def main(argv=None) -> int:
         logging.warning("seed %d: %s", seed, json.dumps(rows[-1]))
     report = {"metric": METRIC, "seeds": seeds, "rows": rows, "tests": tests(rows),
               "machine": f"{os.cpu_count()} cores", "wall_seconds": time.time() - started}
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out + ".json", "w") as fh:
-        json.dump(report, fh, indent=2)
-    with open(args.out + ".md", "w") as fh:
-        fh.write(markdown(report))
-    print(markdown(report))
+    text = markdown(report)
+    write_json_atomic(args.out + ".json", report)
+    write_bytes_atomic(args.out + ".md", text.encode())
+    print(text)
     return 0
 
 

@@ -22,9 +22,7 @@ Rows with parts of the model left out show which part carries the retrieval sign
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
 import sys
 
 import numpy as np
@@ -36,11 +34,11 @@ from etl import synthetic
 from etl.randomness import normal
 from etl.spark import get_spark
 from orchestration import pipeline
-from orchestration.artifacts import load_spec, pinned_version
-from orchestration.baselines import entity_keys
-from orchestration.evaluation import click_keys, positive_pairs, split_files
+from orchestration.artifacts import load_spec
+from orchestration.baselines import retrieval_clicks
 from rec_models.config import load_config
 from rec_models.serving.retrieval import retrieval_from_arrays
+from rec_models.state_files import write_bytes_atomic, write_json_atomic
 
 MAX_PAIRS = 20_000_000   # a dense user x item score matrix: the synthetic default is 2,000 x 1,000
 TIME_POINTS = 8          # the test window's span, sampled for the taste's redrawn part
@@ -62,16 +60,10 @@ def main(argv=None) -> int:
         return 2
     spark = get_spark(cfg.spark)
     pipeline.ensure_features(spark, cfg)
-    spec = load_spec(cfg)
-    version = pinned_version(spec, "samples")
-    user_ids, item_ids = entity_keys(cfg, spec)
-    label, ts = cfg.spec.label.name, cfg.spec.keys.timestamp
-    seen = np.unique(np.concatenate([click_keys(split_files(cfg, s, version), label, user_ids, item_ids)
-                                     for s in ("train", "valid")]))
-    test_files = split_files(cfg, "test", version)
-    test = positive_pairs(test_files, label, user_ids, item_ids)
-    t_lo, t_hi = _span(test_files, ts)
-    parts = _generator_parts(spark, gen, user_ids, item_ids, np.linspace(t_lo, t_hi, TIME_POINTS))
+    data = retrieval_clicks(cfg, load_spec(cfg))   # the users, items and clicks the baselines are scored on
+    seen, test = data.seen, data.test
+    t_lo, t_hi = _span(data.test_files, cfg.spec.keys.timestamp)
+    parts = _generator_parts(spark, gen, data.user_ids, data.item_ids, np.linspace(t_lo, t_hi, TIME_POINTS))
 
     rows = {}
     for name, score in _rankings(parts, gen).items():
@@ -81,12 +73,10 @@ def main(argv=None) -> int:
         print(name, {k: round(v, 4) for k, v in rows[name].items()}, flush=True)
     report = {"dataset": cfg.data.name, "generator": gen.model_dump(), "test_window": [t_lo, t_hi],
               "test_clicks": int(test.size), "rows": rows}
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out + ".json", "w") as fh:
-        json.dump(report, fh, indent=2)
-    with open(args.out + ".md", "w") as fh:
-        fh.write(_markdown(rows))
-    print(_markdown(rows))
+    text = _markdown(rows)
+    write_json_atomic(args.out + ".json", report)
+    write_bytes_atomic(args.out + ".md", text.encode())
+    print(text)
     return 0
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 
 import numpy as np
@@ -26,6 +25,7 @@ from etl.spark import get_spark
 from orchestration import pipeline
 from orchestration.artifacts import run_dir
 from rec_models.config import load_config
+from rec_models.state_files import write_bytes_atomic, write_json_atomic
 
 
 def main(argv=None) -> int:
@@ -60,11 +60,8 @@ def main(argv=None) -> int:
                          "epoch": result["selected_epoch"], "curve": curve})
             print(json.dumps(runs[-1]), flush=True)
     table = markdown(runs, args)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out + ".json", "w") as fh:
-        json.dump(runs, fh, indent=2)
-    with open(args.out + ".md", "w") as fh:
-        fh.write(table)
+    write_json_atomic(args.out + ".json", runs)
+    write_bytes_atomic(args.out + ".md", table.encode())
     print(table)
     return 0
 

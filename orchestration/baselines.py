@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
@@ -42,14 +43,9 @@ def retrieval_baselines(cfg: Config, models: tuple[str, ...] = ("most_popular", 
     unknown = [m for m in models if m != "most_popular" and m not in GRIDS]
     if unknown:
         raise ConfigError(f"unknown retrieval baseline(s) {unknown}; known: most_popular, {', '.join(GRIDS)}")
-    spec = load_spec(cfg)
-    samples_version = pinned_version(spec, "samples")
-    user_ids, item_ids = entity_keys(cfg, spec)
-    n_users, n_items, label = len(user_ids), len(item_ids), cfg.spec.label.name
-    clicks = {s: click_keys(split_files(cfg, s, samples_version), label, user_ids, item_ids)
-              for s in ("train", "valid")}
-    seen = np.unique(np.concatenate([clicks["train"], clicks["valid"]]))
-    test = positive_pairs(split_files(cfg, "test", samples_version), label, user_ids, item_ids)
+    data = retrieval_clicks(cfg, load_spec(cfg))
+    n_users, n_items = len(data.user_ids), len(data.item_ids)
+    clicks, seen, test = data.clicks, data.seen, data.test
     ks = cfg.eval.k
     threads = cfg.train.num_threads or 1
 
@@ -85,11 +81,28 @@ def retrieval_baselines(cfg: Config, models: tuple[str, ...] = ("most_popular", 
     return out
 
 
-def entity_keys(cfg: Config, spec) -> tuple[pd.Index, pd.Index]:
-    """The user and item keys of the feature tables at the versions ``spec`` pins, as
-    strings (the embedding tables' ``id``), in table order: the rows of a score matrix."""
-    return tuple(_keys(cfg, f"{side}_features", f"{side}_key", pinned_version(spec, f"{side}_features"))
-                 for side in ("user", "item"))
+@dataclass(frozen=True)
+class RetrievalClicks:
+    """What a ranking of every item is fit and scored on, as the students' tables are: the
+    feature tables' users and items (the rows of a score matrix), and clicks as packed keys
+    ``user_pos * n_items + item_pos``."""
+    user_ids: pd.Index              # user keys as strings (the embedding tables' ``id``), table order
+    item_ids: pd.Index
+    clicks: dict[str, np.ndarray]   # "train", "valid": one key per click
+    seen: np.ndarray                # sorted distinct train + valid clicks: masked out at test
+    test: np.ndarray                # sorted distinct test clicks
+    test_files: list[str]
+
+
+def retrieval_clicks(cfg: Config, spec) -> RetrievalClicks:
+    """The clicks of the samples snapshot ``spec`` pins, over its feature tables' entities."""
+    version, label = pinned_version(spec, "samples"), cfg.spec.label.name
+    user_ids, item_ids = (_keys(cfg, f"{side}_features", f"{side}_key", pinned_version(spec, f"{side}_features"))
+                          for side in ("user", "item"))
+    clicks = {s: click_keys(split_files(cfg, s, version), label, user_ids, item_ids) for s in ("train", "valid")}
+    test_files = split_files(cfg, "test", version)
+    return RetrievalClicks(user_ids, item_ids, clicks, np.unique(np.concatenate([clicks["train"], clicks["valid"]])),
+                           positive_pairs(test_files, label, user_ids, item_ids), test_files)
 
 
 def _keys(cfg: Config, table: str, column: str, version: Optional[int]) -> pd.Index:
