@@ -103,10 +103,10 @@ def build_features(spark: SparkSession, cfg: Config) -> BuildResult:
         if f.kind == Kind.sequence:
             rows = add_history(rows, f, spec.keys.timestamp, label, "__item_idx", data.history_lookback)
     train_rows = rows.where(F.col("split") == "train")
+    stats.update(numeric_stats(train_rows, [f for f in spec.features
+                                            if f.source in ("events", "derived") and f.kind == Kind.numeric]))
     for f in spec.features:
-        if f.source in ("events", "derived") and f.kind == Kind.numeric:
-            stats[f.name] = numeric_stats(train_rows, f)
-        elif f.source == "events" and f.kind == Kind.categorical:
+        if f.source == "events" and f.kind == Kind.categorical:
             vocab, size = build_vocab(train_rows.select(f.name), f.name, f.min_count)
             rows = encode_categorical(rows, f.name, vocab)
             stats[f.name] = {"vocab_size": size}
@@ -273,6 +273,7 @@ def _encode_entity(events: DataFrame, table: Optional[DataFrame], spec: FeatureS
         table = events.select(key).distinct()
     raw_key = f"{role.value}_key"
     df = table.withColumn(raw_key, F.col(key))
+    stats.update(numeric_stats(table, [f for f in spec.by_role(role) if f.source == source and f.kind == Kind.numeric]))
     for f in spec.by_role(role):
         if f.source != source or f.kind == Kind.sequence:
             continue
@@ -284,7 +285,6 @@ def _encode_entity(events: DataFrame, table: Optional[DataFrame], spec: FeatureS
             df, size = encode_multi(df, raw_key, f)
             stats[f.name] = {"vocab_size": size}
         elif f.kind == Kind.numeric:
-            stats[f.name] = numeric_stats(df, f)
             df = df.withColumn(f.name, encode_numeric(f.model_copy(update=stats[f.name])))
     keep = [raw_key] + [f.name for f in spec.by_role(role) if f.source == source and f.kind != Kind.sequence]
     return df.select(*keep)

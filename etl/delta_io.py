@@ -462,16 +462,25 @@ def _write_delta_rs(df, uri, mode, partition_by, replace_partitions, commit_meta
     return _own_version(uri, write_id)
 
 
-def _own_version(uri: str, write_id: str) -> int:
-    """The version the write ``write_id`` committed, from the table's history (another
-    writer may have committed after it: the latest version is not necessarily this one)."""
+def _own_version(uri: str, write_id: str, lookback: int = 100) -> int:
+    """The version the write ``write_id`` committed (another writer may have committed after
+    it: the latest version is not necessarily this one).
+
+    Read from the commit files themselves, whose names are their versions: delta-rs's
+    ``history()`` lists the log afresh but numbers its entries down from the version the
+    table handle loaded, so a commit landing in between shifts every number it gives."""
     from deltalake import DeltaTable
 
-    for entry in DeltaTable(uri).history(limit=100):
-        if entry.get(_WRITE_ID_KEY) == write_id:
-            return int(entry["version"])
+    fs, root = pafs.FileSystem.from_uri(uri)
+    latest = DeltaTable(uri).version()
+    for version in range(latest, max(-1, latest - lookback), -1):
+        with fs.open_input_stream(f"{root}/_delta_log/{version:020d}.json") as f:
+            for line in f.read().decode("utf-8").splitlines():
+                info = json.loads(line).get("commitInfo") if line.strip() else None
+                if info is not None and info.get(_WRITE_ID_KEY) == write_id:
+                    return version
     raise RuntimeError(f"Delta table {uri}: the write {write_id} committed, but its version is not among "
-                       "the last 100 of the table's history")
+                       f"the last {lookback} of the table's history")
 
 
 def _table_schema(dt) -> pa.Schema:

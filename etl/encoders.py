@@ -73,19 +73,30 @@ def pad_list(arr: Column, max_len: int) -> Column:
     return F.concat(kept.cast("array<int>"), pad.cast("array<int>"))
 
 
-def numeric_stats(df: DataFrame, feature: Feature) -> dict:
-    """Statistics of a numeric feature over ``df`` (the training rows or the entity table)."""
-    x = _prepared(F.col(feature.name), feature)
-    if feature.transform == "bucketize":
-        probs = [i / feature.num_buckets for i in range(1, feature.num_buckets)]
-        qs = df.select(x.alias("x")).where(F.col("x").isNotNull()).approxQuantile("x", probs, 1e-3)
-        return {"boundaries": tuple(sorted(set(float(q) for q in qs)))}
-    if feature.transform == "none":
-        return {}
-    row = df.select(x.alias("x")).agg(F.avg("x").alias("mean"), F.stddev_pop("x").alias("std")).first()
-    mean = float(row["mean"]) if row["mean"] is not None else 0.0
-    std = float(row["std"]) if row["std"] is not None and row["std"] > 1e-12 else 1.0
-    return {"mean": mean, "std": std}
+def numeric_stats(df: DataFrame, features: list[Feature]) -> dict[str, dict]:
+    """``{name: statistics}`` of numeric features over ``df`` (the training rows or the
+    entity table), in one pass over ``df`` for all means and standard deviations and one
+    per bucket count for the quantiles: ``df`` is often a long lineage (the point-in-time
+    windows over every event) that a job per feature would compute again each time."""
+    out: dict[str, dict] = {f.name: {} for f in features if f.transform == "none"}
+    scaled = [f for f in features if f.transform in ("standard", "log_standard")]
+    if scaled:
+        row = df.agg(*[agg(_prepared(F.col(f.name), f)).alias(f"{stat}{i}") for i, f in enumerate(scaled)
+                       for stat, agg in (("mean", F.avg), ("std", F.stddev_pop))]).first()
+        for i, f in enumerate(scaled):
+            mean, std = row[f"mean{i}"], row[f"std{i}"]
+            out[f.name] = {"mean": float(mean) if mean is not None else 0.0,
+                           "std": float(std) if std is not None and std > 1e-12 else 1.0}
+    bucketed = [f for f in features if f.transform == "bucketize"]
+    for buckets in sorted({f.num_buckets for f in bucketed}):
+        group = [f for f in bucketed if f.num_buckets == buckets]
+        probs = [i / buckets for i in range(1, buckets)]
+        # approxQuantile leaves each column's nulls (and NaNs, nulls once prepared) out
+        qs = df.select(*[_prepared(F.col(f.name), f).alias(f"x{i}") for i, f in enumerate(group)]).approxQuantile(
+            [f"x{i}" for i in range(len(group))], probs, 1e-3)
+        for f, q in zip(group, qs):
+            out[f.name] = {"boundaries": tuple(sorted(set(float(v) for v in q)))}
+    return out
 
 
 def _prepared(x: Column, feature: Feature) -> Column:

@@ -188,8 +188,7 @@ def prepare(cfg: Config, inputs: ProtocolInputs, seed: int, variant: str) -> Pre
     rows = means.rows.cache()
     train_rows = rows.where(F.col("split") == "train")
     stats = dict(inputs.stats)
-    for name in (USER_MEAN, ITEM_MEAN):
-        stats[name] = numeric_stats(train_rows, spec.get(name))
+    stats.update(numeric_stats(train_rows, [spec.get(USER_MEAN), spec.get(ITEM_MEAN)]))
     resolved = spec.resolve(stats)
 
     summary = rows.groupBy("split").agg(F.count(F.lit(1)).alias("n"), F.avg(label).alias("p")).collect()

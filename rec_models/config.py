@@ -327,6 +327,10 @@ class StudentConf(_Section):
     logq_correction: bool = True
     corpus_negatives: int = Field(256, ge=1)       # mixed only: uniform item draws per step
     calibration_weight: float = Field(1.0, ge=0)     # moves only the score's scale and bias
+    # softmax objectives: every logged impression is also a positive of this weight, beside
+    # its click (or soft label), so the towers learn who is shown what as well as what is
+    # clicked; 0 keeps clicks only. Needs logged impressions (not data.source.implicit)
+    impression_weight: float = Field(0.0, ge=0)
 
 
 class EvalConf(_Section):
@@ -396,6 +400,13 @@ class Config(_Section):
     eval: EvalConf = EvalConf()
     tracking: TrackingConf = TrackingConf()
     profile: str = "local"
+
+    @model_validator(mode="after")
+    def _impressions_to_weigh(self) -> "Config":
+        if self.student.impression_weight and self.data.source.implicit:
+            raise ValueError("student.impression_weight needs logged impressions: with data.source.implicit "
+                             "the non-clicked rows are sampled negatives, never shown to the user")
+        return self
 
     @property
     def spec(self) -> FeatureSpec:

@@ -28,6 +28,13 @@ Both softmax objectives keep a calibrated impression score for a ranking stage:
 Distillation enters through ``positive_weight``: a teacher's click probability on each
 impression turns the hard positive set into soft positives (see ``soft_positive_weights``).
 
+``student.impression_weight`` beta adds beta to every row's w_r: a logged impression is a
+weak positive beside its click, so the softmax target moves from the clicks towards
+P(shown) * (P(click | shown) + beta), with far more rows to learn the exposure part from
+(on the synthetic default, who is shown what carries most of the test clicks' signal:
+docs/results.md 5.2f). Only for logged impressions: an implicit data set's sampled
+negatives were never shown (``Config`` refuses the pair).
+
 The token students (``TokenDualEncoder`` of VIRT, Distilled-DualEncoder and ERNIE-Search,
 TRMD's ``TRMDStudent``) train under the same objectives through ``tower_loss``, from their
 stored vectors: the softmax scores candidates by the student's own score kind (``dot``, or
@@ -201,6 +208,8 @@ def tower_loss(student, spec: FeatureSpec, conf: StudentConf, batch: Batch, u: t
     loss_cal = bce(student.calibrated(dot), label, weight)
 
     w = label.float() if positive_weight is None else positive_weight.float()
+    if conf.impression_weight:   # every row is a logged impression (Config refuses implicit data)
+        w = w + conf.impression_weight
     if weight is not None:
         w = w * weight.float()
     extra_v = extra_ids = None

@@ -303,3 +303,10 @@ def test_real_datasets_keep_their_own_tables_and_runs(dataset):
     assert cfg.run.output_dir == f"runs/{dataset}" != default.run.output_dir
     assert cfg.run.name == "virt"      # the method's layer still merges over the dataset's
     assert load_config(dataset=dataset, overrides=["warehouse.root=/tmp/wh"]).warehouse.root == "/tmp/wh"
+
+
+def test_impression_weight_is_refused_on_implicit_data():
+    assert load_config(overrides=["student.impression_weight=0.2"]).student.impression_weight == pytest.approx(0.2)
+    message = _error(overrides=["data.source.implicit=true", "student.impression_weight=0.2"])
+    assert "student.impression_weight" in message and "implicit" in message
+    assert "student.impression_weight" in _error(overrides=["student.impression_weight=-1"])

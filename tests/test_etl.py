@@ -151,6 +151,44 @@ def _item_vocab(samples) -> dict:
     return dict(zip(pairs.item_key, pairs.item_id))
 
 
+def test_numeric_statistics_of_several_features_in_one_pass(spark):
+    """etl.encoders.numeric_stats: each feature's statistics, from one aggregation for all
+    means and deviations and one quantile job per bucket count, not a job per feature (its
+    frame is the point-in-time lineage over every event, computed again by each job)."""
+    from etl.encoders import numeric_stats
+    from rec_models.spec import Feature
+
+    rng = np.random.default_rng(3)
+    data = pd.DataFrame({"a": rng.normal(5, 2, 4000), "b": rng.exponential(3, 4000), "c": rng.uniform(0, 1, 4000),
+                         "d": rng.normal(0, 1, 4000), "e": rng.normal(0, 1, 4000)})
+    data.loc[::7, "a"] = np.nan   # missing: left out of every statistic
+    data.loc[::5, "c"] = np.nan
+    df = spark.createDataFrame(data)
+
+    def feature(name, transform, **kw):
+        return Feature(name=name, role="user", kind="numeric", source="users", transform=transform, **kw)
+
+    features = [feature("a", "standard"), feature("b", "log_standard"), feature("c", "bucketize", num_buckets=4),
+                feature("d", "bucketize", num_buckets=4), feature("e", "none")]
+    tracker = spark.sparkContext.statusTracker()
+    before = set(tracker.getJobIdsForGroup())
+    stats = numeric_stats(df, features)
+    jobs = len(set(tracker.getJobIdsForGroup()) - before)
+    a, c = data.a.dropna(), data.c.dropna()
+    assert stats["a"] == {"mean": pytest.approx(a.mean()), "std": pytest.approx(a.std(ddof=0))}
+    assert stats["b"] == {"mean": pytest.approx(np.log1p(data.b).mean()),
+                          "std": pytest.approx(np.log1p(data.b).std(ddof=0))}
+    assert stats["c"]["boundaries"] == pytest.approx(tuple(np.quantile(c, [0.25, 0.5, 0.75])), abs=5e-3)
+    assert stats["d"]["boundaries"] == pytest.approx(tuple(np.quantile(data.d, [0.25, 0.5, 0.75])), abs=2e-2)
+    assert stats["e"] == {}
+    alone = [numeric_stats(df, [f]) for f in features]
+    assert stats == {k: v for one in alone for k, v in one.items()}   # the same as one feature at a time
+    assert numeric_stats(df, []) == {}
+    # one aggregation and one quantile pass for the four features; one per feature before
+    per_feature = len(set(tracker.getJobIdsForGroup()) - before) - jobs
+    assert jobs < per_feature, (jobs, per_feature)
+
+
 def test_time_split_and_encodings(built):
     cfg, result, samples, ev, users, items = built
     order = samples.groupby("split").timestamp.agg(["min", "max"])

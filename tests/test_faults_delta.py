@@ -74,6 +74,33 @@ def _in_threads(*fns):
 
 # ---------------------------------------------------------------- concurrent writers
 
+def test_a_write_finds_its_own_version_when_another_commit_lands_while_it_looks(tmp_path, monkeypatch):
+    """Before: delta-rs's history() numbers its entries down from the version its handle
+    loaded, so a commit landing after that load made a write report the version before
+    its own (two racing writers returned {1, 3}, not {2, 3})."""
+    import deltalake
+    import pyarrow as pa
+
+    uri, rows = str(tmp_path / "t"), pa.table({"x": [1]})
+    deltalake.write_deltalake(uri, rows)
+    deltalake.write_deltalake(uri, rows, mode="append",
+                              commit_properties=deltalake.CommitProperties(custom_metadata={D._WRITE_ID_KEY: "mine"}))
+    real, overtaken = deltalake.DeltaTable, []
+
+    class LoadedThenOvertaken(real):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            if not overtaken:   # another writer commits right after this handle loaded
+                overtaken.append(True)
+                deltalake.write_deltalake(uri, rows, mode="append")
+
+    monkeypatch.setattr(deltalake, "DeltaTable", LoadedThenOvertaken)
+    assert D._own_version(uri, "mine") == 1
+    assert overtaken and real(uri).version() == 2
+    with pytest.raises(RuntimeError, match="the write nobody committed"):
+        D._own_version(uri, "nobody")
+
+
 def test_disjoint_partition_writes_at_once_both_land(spark, tmp_path, monkeypatch):
     """Before: CommitFailedError 'a concurrent transaction deleted data this operation read'."""
     uri = str(tmp_path / "item_embeddings")

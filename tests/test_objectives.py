@@ -148,6 +148,20 @@ def test_softmax_student_equals_the_pure_loss(spec, conf):
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
 
 
+def test_impression_weight_makes_every_impression_a_weak_positive(spec, conf):
+    torch.manual_seed(5)
+    sc = StudentConf(objective="sampled_softmax", calibration_weight=0.0, impression_weight=0.3)
+    student = make_student(spec, conf, sc)
+    batch = make_batch(spec, 48, seed=7)
+    batch[spec.label.name] = (torch.arange(48) % 4 == 0).float()   # clicked rows only a quarter
+    loss, _ = student_loss(student, spec, sc, batch)
+    u, v, ids = student.encode_user(batch), student.encode_item(batch), item_ids(spec, batch)
+    expected = softmax_loss(u, v, ids, batch[spec.label.name] + 0.3, sc.temperature, True)
+    clicks_only = softmax_loss(u, v, ids, batch[spec.label.name], sc.temperature, True)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert abs(expected.item() - clicks_only.item()) > 1e-3   # the non-clicked rows now count
+
+
 def test_mixed_needs_the_item_bank_and_uses_it(spec, conf):
     sc = StudentConf(objective="mixed", corpus_negatives=16)
     model = StudentOnly(spec, conf, student_conf=sc)
