@@ -103,16 +103,15 @@ def build_features(spark: SparkSession, cfg: Config) -> BuildResult:
         if f.kind == Kind.sequence:
             rows = add_history(rows, f, spec.keys.timestamp, label, "__item_idx", data.history_lookback)
     train_rows = rows.where(F.col("split") == "train")
-    stats.update(numeric_stats(train_rows, [f for f in spec.features
-                                            if f.source in ("events", "derived") and f.kind == Kind.numeric]))
+    event_numeric = [f for f in spec.features if f.source in ("events", "derived") and f.kind == Kind.numeric]
+    stats.update(numeric_stats(train_rows, event_numeric))
     for f in spec.features:
         if f.source == "events" and f.kind == Kind.categorical:
             vocab, size = build_vocab(train_rows.select(f.name), f.name, f.min_count)
             rows = encode_categorical(rows, f.name, vocab)
             stats[f.name] = {"vocab_size": size}
     resolved = spec.resolve(stats)
-    event_numeric = [resolved.get(f.name) for f in spec.features
-                     if f.source in ("events", "derived") and f.kind == Kind.numeric]
+    event_numeric = [resolved.get(f.name) for f in event_numeric]
     rows = rows.select("*", *[encode_numeric(f).alias(f"__enc_{f.name}") for f in event_numeric])
     for f in event_numeric:
         rows = rows.drop(f.name).withColumnRenamed(f"__enc_{f.name}", f.name)

@@ -474,11 +474,9 @@ def _own_version(uri: str, write_id: str, lookback: int = 100) -> int:
     fs, root = pafs.FileSystem.from_uri(uri)
     latest = DeltaTable(uri).version()
     for version in range(latest, max(-1, latest - lookback), -1):
-        with fs.open_input_stream(f"{root}/_delta_log/{version:020d}.json") as f:
-            for line in f.read().decode("utf-8").splitlines():
-                info = json.loads(line).get("commitInfo") if line.strip() else None
-                if info is not None and info.get(_WRITE_ID_KEY) == write_id:
-                    return version
+        for action in _commit_actions(fs, f"{root}/_delta_log/{version:020d}.json"):
+            if action.get("commitInfo", {}).get(_WRITE_ID_KEY) == write_id:
+                return version
     raise RuntimeError(f"Delta table {uri}: the write {write_id} committed, but its version is not among "
                        f"the last {lookback} of the table's history")
 
@@ -562,6 +560,13 @@ def _cleanup(uri: str, write_id: str, keep: set[str], table_existed: bool,
         _quiet(fs.delete_dir, root)
 
 
+def _commit_actions(fs, path: str) -> Iterator[dict]:
+    """The actions of one JSON commit file of a Delta log, one per line."""
+    with fs.open_input_stream(path) as fh:
+        lines = fh.read().decode("utf-8").splitlines()
+    return (json.loads(line) for line in lines if line.strip())
+
+
 def _logged_paths(fs, root: str) -> Optional[set[str]]:
     """Every data file path any version of the table's log names (add or remove, JSON
     commits and checkpoints), raw and URL-decoded; None if the log cannot be read whole."""
@@ -571,12 +576,10 @@ def _logged_paths(fs, root: str) -> Optional[set[str]]:
         for info in infos:
             name = info.base_name
             if name.endswith(".json") and name.split(".")[0].isdigit():
-                with fs.open_input_stream(info.path) as fh:
-                    for line in fh.read().decode("utf-8").splitlines():
-                        action = json.loads(line) if line.strip() else {}
-                        for kind in ("add", "remove"):
-                            if kind in action:
-                                paths.add(action[kind]["path"])
+                for action in _commit_actions(fs, info.path):
+                    for kind in ("add", "remove"):
+                        if kind in action:
+                            paths.add(action[kind]["path"])
             elif ".checkpoint" in name and name.endswith(".parquet"):
                 with fs.open_input_file(info.path) as fh:
                     table = pq.read_table(fh, columns=["add", "remove"])

@@ -406,6 +406,9 @@ class Config(_Section):
         if self.student.impression_weight and self.data.source.implicit:
             raise ValueError("student.impression_weight needs logged impressions: with data.source.implicit "
                              "the non-clicked rows are sampled negatives, never shown to the user")
+        if self.student.impression_weight and self.student.objective == "pointwise":
+            raise ValueError("student.impression_weight weighs the softmax objectives' positives; "
+                             "student.objective=pointwise has none")
         return self
 
     @property

@@ -310,3 +310,4 @@ def test_impression_weight_is_refused_on_implicit_data():
     message = _error(overrides=["data.source.implicit=true", "student.impression_weight=0.2"])
     assert "student.impression_weight" in message and "implicit" in message
     assert "student.impression_weight" in _error(overrides=["student.impression_weight=-1"])
+    assert "pointwise" in _error(overrides=["student.objective=pointwise", "student.impression_weight=0.2"])
