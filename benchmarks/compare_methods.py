@@ -124,7 +124,9 @@ def run_seed(spark, dataset, methods: list[str], overrides: list[str], files: tu
     needed = {t for m in methods for t in METHODS[m].teachers}
     for name in (t for t in SHARED_TEACHERS if t in needed):   # only the teachers the methods use
         t0 = time.time()
-        res = pipeline.train(teacher_config(base, name), spec, name, pipeline.run_dir(base, "teachers", name), run_id)
+        # the teacher's own conf layers, not the default method's (a dataset's methods.pfd section)
+        own = load_config(dataset=dataset, method=name, files=files, overrides=overrides)
+        res = pipeline.train(teacher_config(own, name), spec, name, pipeline.run_dir(base, "teachers", name), run_id)
         teachers[name] = res["checkpoint"]
         head = "teacher" if "teacher_auc" in res["test"] else "student"
         teacher_auc[name] = res["test"][f"{head}_auc"]

@@ -48,8 +48,9 @@ def main(argv=None) -> int:
     runs = []
     for seed in [int(s) for s in args.seeds.split(",") if s]:
         for overrides in candidates:
-            cfg = load_config(dataset=args.dataset, files=args.conf, overrides=[*common, *overrides, f"run.seed={seed}",
-                                                               "run.version=tune"])
+            # the method's own conf layers (conf/method/<name>.yaml, the dataset's methods.<name>)
+            cfg = load_config(dataset=args.dataset, method=args.method, files=args.conf,
+                              overrides=[*common, *overrides, f"run.seed={seed}", "run.version=tune"])
             teachers = pipeline.ensure_teachers(cfg, spec, args.method, "tune")
             result = pipeline.train(cfg, spec, args.method, run_dir(cfg, "tune", args.method), "tune",
                                     teachers=teachers)

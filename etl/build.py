@@ -25,6 +25,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Optional
 
+from pyspark import StorageLevel
 from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 
@@ -53,9 +54,23 @@ class BuildResult:
 
 
 def build_features(spark: SparkSession, cfg: Config) -> BuildResult:
+    # the input checks, statistics and vocabularies each read the sources again (about 20
+    # jobs on the default): kept once, in memory or spilled to disk, a generated or parsed
+    # source is not computed again for each of them
+    sources = [df.persist(StorageLevel.MEMORY_AND_DISK) if df is not None else None
+               for df in load_sources(spark, cfg.data)]
+    try:
+        return _build_features(cfg, *sources)
+    finally:
+        for df in sources:
+            if df is not None:
+                df.unpersist()
+
+
+def _build_features(cfg: Config, events: DataFrame, users: Optional[DataFrame],
+                    items: Optional[DataFrame]) -> BuildResult:
     spec, data = cfg.spec, cfg.data
     label = spec.label.name
-    events, users, items = load_sources(spark, data)
     has_time = spec.keys.timestamp in events.columns   # absent only under data.split.scheme=random
     if not has_time:
         _refuse_point_in_time(spec)

@@ -252,13 +252,15 @@ def _run_method(spark, cfg: Config, method: str) -> dict:
 
 def undistilled_config(cfg: Config, method: str) -> Config:
     """``cfg`` for ``method``'s undistilled student: its ``distill.params`` are the student's
-    part of the method's params (a token method's layers, heads, pooling), none for DSSM."""
+    part of the method's params (a token method's layers, heads, pooling), none for DSSM;
+    its ``train`` is ``distill.baseline_train`` over the method's."""
     from rec_models.methods import get_method
 
     model = get_method(method).params_model()
     params = parse_params(model, cfg.distill.params, method) if model is not None else None
     student = params.student_params() if hasattr(params, "student_params") else {}
-    return cfg.model_copy(update={"distill": cfg.distill.model_copy(update={"params": student})})
+    return cfg.model_copy(update={"distill": cfg.distill.model_copy(update={"params": student}),
+                                  "train": cfg.undistilled_train()})
 
 
 def embeddings_committed(cfg: Config, tag: ModelTag) -> bool:

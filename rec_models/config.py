@@ -303,6 +303,9 @@ class DistillConf(_Section):
     temperature: float = Field(1.0, gt=0)
     teacher_checkpoint: Optional[str] = None  # a trained teacher (frozen) instead of joint training
     train_baseline: bool = True               # also train the student without distillation
+    # train.* for that undistilled student, where its own validation-chosen settings differ
+    # from the distilled one's (conf/dataset/synthetic.yaml: PFD at lr 1e-3, DSSM at 3e-3)
+    baseline_train: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("method")
     @classmethod
@@ -411,6 +414,21 @@ class Config(_Section):
                              "student.objective=pointwise has none")
         return self
 
+    @model_validator(mode="after")
+    def _baseline_train_is_a_train_section(self) -> "Config":
+        try:
+            self.undistilled_train()
+        except ValidationError as exc:
+            problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+            raise ValueError(f"distill.baseline_train (train.* of the undistilled student): {problems}") from None
+        return self
+
+    def undistilled_train(self) -> TrainConf:
+        """``train`` with ``distill.baseline_train`` over it: how the undistilled student trains."""
+        if not self.distill.baseline_train:
+            return self.train
+        return TrainConf.model_validate({**self.train.model_dump(), **self.distill.baseline_train})
+
     @property
     def spec(self) -> FeatureSpec:
         return self.data.feature_spec
@@ -447,7 +465,8 @@ def load_config(
     overrides: Sequence[str] = (),
     conf_dir: Path | str = CONF_DIR,
 ) -> Config:
-    """Merge base.yaml, dataset/, method/, profile/, extra files, then ``key=value`` overrides.
+    """Merge base.yaml, dataset/, method/, the dataset's ``methods.<method>`` section,
+    profile/, extra files, then ``key=value`` overrides.
 
     The base names the default dataset, method and profile (``defaults``).
     """
@@ -459,7 +478,21 @@ def load_config(
         "method": method or defaults.get("method", "pfd"),
         "profile": profile or defaults.get("profile", "local"),
     }
-    layers = [base] + [_layer(_layer_path(conf_dir, kind, name), kind) for kind, name in chosen.items()]
+    dataset_layer, method_layer, profile_layer = (_layer(_layer_path(conf_dir, kind, name), kind)
+                                                  for kind, name in chosen.items())
+    # a data set's settings for one method, chosen on its validation split: over the method's
+    # own conf, under the profile, --conf files and --set overrides
+    for_methods = dataset_layer.pop("methods", None)
+    if for_methods is None:
+        for_methods = OmegaConf.create({})
+    if not isinstance(for_methods, DictConfig):
+        raise ConfigError(f"dataset conf '{chosen['dataset']}': 'methods' maps method names to their settings, "
+                          f"not {type(for_methods).__name__}")
+    unknown = sorted(set(for_methods) - {p.stem for p in (conf_dir / "method").glob("*.yaml")})
+    if unknown:
+        raise ConfigError(f"dataset conf '{chosen['dataset']}': methods.{unknown[0]} names no conf/method/*.yaml")
+    for_method = for_methods.get(chosen["method"]) or {}
+    layers = [base, dataset_layer, method_layer, for_method, profile_layer]
     layers += [_layer(Path(f), "extra") for f in files]
     for item in overrides:
         if "=" not in item:

@@ -25,8 +25,8 @@ def test_default_config_loads_synthetic_pfd_local():
     assert cfg.spark.master == "local[2]"
     assert cfg.spark.conf["spark.sql.shuffle.partitions"] == 8
     assert cfg.train.backend == "local"
-    assert cfg.train.epochs == 8   # the synthetic dataset's own (base: 3)
-    assert cfg.train.lr == pytest.approx(0.003)
+    assert cfg.train.epochs == 16   # the synthetic dataset's own for PFD (base: 3)
+    assert cfg.train.lr == pytest.approx(0.001)
     assert cfg.train.restore_best_epoch is True
     assert cfg.student.objective == "mixed" and cfg.student.temperature == pytest.approx(0.02)
     assert cfg.eval.k == [10, 50, 100] and cfg.eval.select_k == 50
@@ -88,7 +88,7 @@ def test_databricks_profile():
     assert cfg.train.local_mode is False
     assert cfg.spark.master is None
     # the base and dataset layers still supply what the profile leaves alone
-    assert cfg.train.epochs == 8
+    assert cfg.train.epochs == 16
     assert cfg.spec.privileged_names == frozenset(PRIVILEGED)
 
 
@@ -109,6 +109,58 @@ def test_extra_file_wins_over_profile_and_loses_to_overrides(tmp_path):
     assert cfg.train.backend == "torch_distributor"  # untouched profile value kept
     # without the override the file's value is used
     assert load_config(files=[str(extra)]).train.epochs == 9
+
+
+def test_a_datasets_settings_for_one_method_apply_to_that_method_only(tmp_path):
+    import shutil
+    from rec_models.config import CONF_DIR
+
+    conf = tmp_path / "conf"
+    shutil.copytree(CONF_DIR, conf)
+    (conf / "dataset" / "mine.yaml").write_text(
+        (CONF_DIR / "dataset" / "synthetic.yaml").read_text().split("\nmethods:")[0]
+        + "\nmethods:\n  pfd: {train: {lr: 0.0007}, model: {dropout: 0.1}}\n  dssm: {train: {epochs: 5}}\n")
+    pfd = load_config(dataset="mine", conf_dir=conf)
+    assert (pfd.train.lr, pfd.model.dropout, pfd.train.epochs) == (0.0007, 0.1, 8)   # over the method's conf
+    dssm = load_config(dataset="mine", method="dssm", conf_dir=conf)
+    assert (dssm.train.lr, dssm.model.dropout, dssm.train.epochs) == (0.003, 0.0, 5)
+    kd = load_config(dataset="mine", method="kd", conf_dir=conf)
+    assert (kd.train.lr, kd.train.epochs) == (0.003, 8)
+    # under the profile, --conf files and --set overrides
+    assert load_config(dataset="mine", conf_dir=conf, overrides=["train.lr=0.01"]).train.lr == 0.01
+    (conf / "dataset" / "typo.yaml").write_text(
+        (conf / "dataset" / "mine.yaml").read_text().replace("  dssm:", "  dsm:"))
+    assert "methods.dsm names no conf/method" in _error(dataset="typo", conf_dir=conf)
+
+
+def test_the_synthetic_default_trains_pfd_and_its_undistilled_student_at_their_own_settings():
+    cfg = load_config()
+    assert (cfg.train.lr, cfg.train.epochs) == (0.001, 16)
+    assert (cfg.undistilled_train().lr, cfg.undistilled_train().epochs) == (0.003, 16)
+    assert cfg.undistilled_train().batch_size == cfg.train.batch_size       # the rest is the method's
+    assert load_config(method="dssm").train.lr == cfg.undistilled_train().lr
+    # a shorter run shortens both students
+    assert load_config(overrides=["train.epochs=2"]).undistilled_train().epochs == 2
+    assert load_config(dataset="ml100k").distill.baseline_train == {}
+    assert load_config(dataset="ml100k").undistilled_train() == load_config(dataset="ml100k").train
+
+
+def test_the_undistilled_student_the_job_trains_takes_baseline_train():
+    from orchestration.pipeline import undistilled_config
+
+    cfg = load_config(overrides=["distill.baseline_train.batch_size=512"])
+    base = undistilled_config(cfg, "pfd")
+    assert (base.train.lr, base.train.batch_size, base.train.epochs) == (0.003, 512, 16)
+    assert (cfg.train.lr, cfg.train.batch_size) == (0.001, 1024)      # the distilled student's untouched
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("distill.baseline_train.lrr=1", "lrr: Extra inputs are not permitted"),
+    ("distill.baseline_train.epochs=0", "epochs: Input should be greater than or equal to 1"),
+])
+def test_a_bad_baseline_train_setting_is_named(override, fragment):
+    msg = _error(overrides=[override])
+    assert "distill.baseline_train" in msg and fragment in msg
 
 
 def test_later_extra_file_wins(tmp_path):

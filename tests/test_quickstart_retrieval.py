@@ -7,16 +7,16 @@ from __future__ import annotations
 
 import pytest
 
-# benchmarks/quickstart_seeds.py over run.seed 1-5 with the default objective (mixed;
-# docs/results.md, section 5.3): test Recall@50 gains over most-popular +0.060 on average
-# (min +0.055), over the undistilled student +0.0096 (5 seeds of 5, min +0.0059, std 0.0034).
-# SEED is the seed whose gain over the undistilled student is nearest that mean (+0.0087
-# there). This session's Spark (4 shuffle partitions, not the job's 8) lays the tables out
-# differently, so the same seed trains on another row order: +0.0043 here. The margins are
-# half the mean gain over most-popular and a fifth of the mean distillation gain: the
-# signs the issue asks for, with room for layout noise; a change that loses what
-# distillation adds still fails.
-SEED = 1
+# benchmarks/quickstart_seeds.py over run.seed 1-5 with the default settings (PFD at lr 1e-3,
+# its undistilled DSSM at 3e-3; docs/results.md, section 5.3): test Recall@50 gains over
+# most-popular +0.065 on average (min +0.062), over the undistilled student +0.0135 (5 seeds
+# of 5, min +0.0093, std 0.0039). SEED is the seed whose gain over the undistilled student
+# is nearest that mean (+0.0139 there). This session's Spark (4 shuffle partitions, not the
+# job's 8) lays the tables out differently, so the same seed trains on another row order.
+# The margins are half the mean gain over most-popular and a fifth of the mean
+# distillation gain: the signs the issue asks for, with room for layout noise; a change
+# that loses what distillation adds still fails.
+SEED = 2
 MARGIN_OVER_MOST_POPULAR = 0.03
 MARGIN_OVER_UNDISTILLED = 0.002
 
